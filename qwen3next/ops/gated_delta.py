@@ -164,3 +164,38 @@ def chunk_gated_delta_rule_ref(
         S = S * chunk_decay[:, :, i, None, None] + k_to_end[:, :, i].transpose(-1, -2) @ d
     o = torch.stack(outs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)
+
+
+def check_pool_update_inputs(q, k, v, g, beta, state_pool, state_indices) -> None:
+    """Validate the inputs of a state-pool update (see `recurrent_gated_delta_rule_update_ref`)."""
+    check_gated_delta_inputs(q, k, v, g, beta, None, None)
+    B, dk, Hv, dv = q.shape[0], q.shape[3], v.shape[2], v.shape[3]
+    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (Hv, dk, dv):
+        raise ValueError(f"state_pool must be [P, Hv, dk, dv] with (Hv, dk, dv) = {(Hv, dk, dv)}; "
+                         f"got {tuple(state_pool.shape)}")
+    if state_pool.dtype != torch.float32 or not state_pool.is_contiguous():
+        raise TypeError(f"state_pool must be a contiguous float32 tensor, got {state_pool.dtype}")
+    if state_indices.shape != (B,) or state_indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"state_indices must be an int32/int64 tensor of shape ({B},); "
+                         f"got {state_indices.dtype} {tuple(state_indices.shape)}")
+
+
+def recurrent_gated_delta_rule_update_ref(
+    q, k, v, g, beta, state_pool, state_indices, scale=None, use_qk_l2norm_in_kernel=False,
+):
+    """Decode against a pool of states, in place (continuous batching).
+
+    q, k [B, T, Hk, dk]; v [B, T, Hv, dv]; g, beta [B, T, Hv]: T new steps for each of B sequences.
+    Sequence b's state is row `state_indices[b]` of `state_pool` [P, Hv, dk, dv] (float32): it starts
+    the recurrence and receives the state after the T steps. A negative index marks a padding entry
+    (o = 0, no row touched); the non-negative indices must be distinct. Returns o [B, T, Hv, dv] in v's dtype.
+    """
+    check_pool_update_inputs(q, k, v, g, beta, state_pool, state_indices)
+    live = state_indices >= 0
+    rows = state_indices.clamp(min=0).long()
+    o, state = recurrent_gated_delta_rule_ref(
+        q, k, v, g, beta, scale=scale, initial_state=state_pool[rows], output_final_state=True,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+    )
+    state_pool[rows[live]] = state[live].to(state_pool.dtype)
+    return o * live.view(-1, 1, 1, 1).to(o.dtype)

@@ -1,0 +1,233 @@
+"""Triton causal depthwise conv1d with fused SiLU: forward, backward, one decode step.
+
+Same contracts as `qwen3next.ops.conv` (`causal_conv1d_ref`, `causal_conv1d_update_ref`): channels-last
+x [B, T, C], weight [C, K], conv state [N, C, K-1] (oldest first), `cu_seqlens` packing N sequences in a row.
+Every input is seen as one packed row of tokens; a program covers BT tokens of one sequence and BC channels.
+Inputs before a sequence's start come from its initial state (zeros without one). The backward recomputes
+the pre-activation at the K shifted positions it needs (no saved activations) and sums the weight
+gradient per program, then over programs by torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import block_table, sequence_offsets
+
+BT = 64
+
+
+@triton.jit
+def _x_at(x, init, n, bos, L, pos, cols, cmask, C, KM1: tl.constexpr, HAS_INIT: tl.constexpr):
+    """fp32 input at sequence-relative positions `pos` [R] and channels `cols` [BC]; positions in
+    [-(K-1), 0) read the initial state, others outside [0, L) are zero."""
+    inside = (pos >= 0) & (pos < L)
+    val = tl.load(x + (bos + pos)[:, None] * C + cols[None, :], mask=inside[:, None] & cmask[None, :], other=0.0)
+    val = val.to(tl.float32)
+    if HAS_INIT:
+        before = (pos < 0) & (pos >= -KM1)
+        val += tl.load(init + (n * C + cols[None, :]) * KM1 + (pos + KM1)[:, None],
+                       mask=before[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    return val
+
+
+@triton.jit
+def _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The conv output before the activation at positions `pos` (fp32 [R, BC])."""
+    acc = tl.zeros([pos.shape[0], cols.shape[0]], dtype=tl.float32)
+    for i in tl.static_range(K):
+        wi = tl.load(w + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
+        acc += wi[None, :] * _x_at(x, init, n, bos, L, pos - (K - 1) + i, cols, cmask, C, K - 1, HAS_INIT)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, init, y, final, cu, blk_seq, blk_pos, C,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     SILU: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    pid, cb = tl.program_id(0), tl.program_id(1)
+    n = tl.load(blk_seq + pid)
+    p0 = tl.load(blk_pos + pid) * BT
+    bos = tl.load(cu + n).to(tl.int64)
+    L = tl.load(cu + n + 1).to(tl.int64) - bos
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < C
+    pos = p0 + tl.arange(0, BT)
+    out = _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K, HAS_INIT)
+    if SILU:
+        out = out * tl.sigmoid(out)
+    tl.store(y + (bos + pos)[:, None] * C + cols[None, :], out.to(y.dtype.element_ty),
+             mask=(pos < L)[:, None] & cmask[None, :])
+    if STORE_FINAL:
+        if p0 == 0:  # the sequence's first block writes its last K-1 inputs
+            j = tl.arange(0, KP)
+            last = _x_at(x, init, n, bos, L, L - (K - 1) + j, cols, cmask, C, K - 1, HAS_INIT)
+            tl.store(final + (n * C + cols[None, :]) * (K - 1) + j[:, None], last.to(final.dtype.element_ty),
+                     mask=(j < K - 1)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _dpre_at(x, init, w, dy, n, bos, L, pos, cols, cmask, C, K: tl.constexpr, SILU: tl.constexpr,
+             HAS_INIT: tl.constexpr):
+    """Gradient w.r.t. the pre-activation at positions `pos` (zero outside [0, L))."""
+    inside = (pos >= 0) & (pos < L)
+    g = tl.load(dy + (bos + pos)[:, None] * C + cols[None, :], mask=inside[:, None] & cmask[None, :], other=0.0)
+    g = g.to(tl.float32)
+    if SILU:
+        pre = _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K, HAS_INIT)
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _conv_bwd_kernel(x, w, init, dy, dx, dinit, dw_part, cu, blk_seq, blk_pos, C,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     SILU: tl.constexpr, HAS_INIT: tl.constexpr):
+    pid, cb = tl.program_id(0), tl.program_id(1)
+    n = tl.load(blk_seq + pid)
+    p0 = tl.load(blk_pos + pid) * BT
+    bos = tl.load(cu + n).to(tl.int64)
+    L = tl.load(cu + n + 1).to(tl.int64) - bos
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < C
+    pos = p0 + tl.arange(0, BT)
+    # dx[t] = sum_i w_i dpre[t + K-1-i]
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(K):
+        wi = tl.load(w + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
+        acc += wi[None, :] * _dpre_at(x, init, w, dy, n, bos, L, pos + (K - 1) - i, cols, cmask, C, K, SILU, HAS_INIT)
+    tl.store(dx + (bos + pos)[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty),
+             mask=(pos < L)[:, None] & cmask[None, :])
+    # dw[c, i] = sum_t dpre[t] x[t - (K-1) + i], this block's share
+    dpre = _dpre_at(x, init, w, dy, n, bos, L, pos, cols, cmask, C, K, SILU, HAS_INIT)
+    for i in tl.static_range(K):
+        xi = _x_at(x, init, n, bos, L, pos - (K - 1) + i, cols, cmask, C, K - 1, HAS_INIT)
+        tl.store(dw_part + (pid * C + cols) * K + i, tl.sum(dpre * xi, 0), mask=cmask)
+    if HAS_INIT:
+        if p0 == 0:  # the initial state holds positions -(K-1) .. -1: same formula as dx
+            j = tl.arange(0, KP)
+            vpos = j - (K - 1)
+            acc0 = tl.zeros([KP, BC], dtype=tl.float32)
+            for i in tl.static_range(K):
+                wi = tl.load(w + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
+                acc0 += wi[None, :] * _dpre_at(x, init, w, dy, n, bos, L, vpos + (K - 1) - i, cols, cmask, C, K,
+                                               SILU, HAS_INIT)
+            tl.store(dinit + (n * C + cols[None, :]) * (K - 1) + j[:, None], acc0.to(dinit.dtype.element_ty),
+                     mask=(j < K - 1)[:, None] & cmask[None, :])
+
+
+def _block_c(C: int) -> int:
+    return min(64, triton.next_power_of_2(C))
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, silu):
+        B, T, C = x.shape
+        K = weight.shape[1]
+        cu, offsets = sequence_offsets(B, T, cu_seqlens, x.device)
+        N = len(offsets) - 1
+        blk_seq, blk_pos, nb = block_table(offsets, BT, True, x.device)
+        xc = x.contiguous()
+        wc = weight.contiguous()
+        init = initial_state.contiguous() if initial_state is not None else None
+        y = torch.empty_like(xc)
+        final = torch.empty(N, C, K - 1, dtype=x.dtype, device=x.device) if output_final_state else None
+        BC = _block_c(C)
+        _conv_fwd_kernel[(nb, triton.cdiv(C, BC))](
+            xc, wc, init if init is not None else xc, y, final if final is not None else y, cu, blk_seq, blk_pos, C,
+            K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC, SILU=silu, HAS_INIT=init is not None,
+            STORE_FINAL=output_final_state)
+        ctx.save_for_backward(xc, wc, init, cu, blk_seq, blk_pos)
+        ctx.meta = (offsets, nb, silu, initial_state.dtype if initial_state is not None else None)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        xc, wc, init, cu, blk_seq, blk_pos = ctx.saved_tensors
+        offsets, nb, silu, init_dtype = ctx.meta
+        _, T, C = xc.shape
+        K = wc.shape[1]
+        dx = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
+        dinit = torch.empty(init.shape, dtype=torch.float32, device=xc.device) if init is not None else None
+        dw_part = torch.empty(nb, C, K, dtype=torch.float32, device=xc.device)
+        BC = _block_c(C)
+        _conv_bwd_kernel[(nb, triton.cdiv(C, BC))](
+            xc, wc, init if init is not None else xc, dy.contiguous(), dx, dinit if dinit is not None else dx,
+            dw_part, cu, blk_seq, blk_pos, C, K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC,
+            SILU=silu, HAS_INIT=init is not None)
+        if dfinal is not None:  # the final state is the last K-1 inputs: route its gradient to them
+            _add_final_state_grad(dx, dinit, dfinal.float(), offsets, K)
+        return (dx.to(xc.dtype), dw_part.sum(0).to(wc.dtype), dinit.to(init_dtype) if dinit is not None else None,
+                None, None, None)
+
+
+def _add_final_state_grad(dx, dinit, dfinal, offsets, K):
+    """final[n, :, j] is the input at position L_n - (K-1) + j of sequence n (the initial state's
+    column for negative positions): add dfinal there. dx [B, T, C] is indexed as packed tokens."""
+    dx_tokens = dx.view(-1, dx.shape[-1])
+    for n in range(len(offsets) - 1):
+        bos, L = offsets[n], offsets[n + 1] - offsets[n]
+        for j in range(K - 1):
+            p = L - (K - 1) + j
+            if p >= 0:
+                dx_tokens[bos + p] += dfinal[n, :, j]
+            elif dinit is not None:
+                dinit[n, :, p + K - 1] += dfinal[n, :, j]
+
+
+def causal_conv1d(x, weight, initial_state=None, output_final_state=False, cu_seqlens=None, activation="silu"):
+    """Triton `causal_conv1d_ref`: x [B, T, C], weight [C, K]; returns (y [B, T, C], final state [N, C, K-1] or None)."""
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"need x [B, T, C] and weight [C, K]; got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.shape[1] < 2:
+        raise ValueError("kernel size K must be at least 2")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    if cu_seqlens is not None and x.shape[0] != 1:
+        raise ValueError(f"cu_seqlens packs sequences into one row: batch size must be 1, got {x.shape[0]}")
+    N = x.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None and initial_state.shape != (N, x.shape[2], weight.shape[1] - 1):
+        raise ValueError(f"initial_state must be [N, C, K-1] = {(N, x.shape[2], weight.shape[1] - 1)}, "
+                         f"got {tuple(initial_state.shape)}")
+    return _CausalConv1d.apply(x, weight, initial_state, output_final_state, cu_seqlens, activation == "silu")
+
+
+@triton.jit
+def _conv_update_kernel(x, state, w, y, C, K: tl.constexpr, BC: tl.constexpr, SILU: tl.constexpr):
+    b, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = cb * BC + tl.arange(0, BC)
+    cmask = cols < C
+    srow = state + (b * C + cols) * (K - 1)
+    xnew = tl.load(x + b * C + cols, mask=cmask, other=0.0)
+    acc = tl.load(w + cols * K + (K - 1), mask=cmask, other=0.0).to(tl.float32) * xnew.to(tl.float32)
+    prev = tl.load(srow, mask=cmask, other=0.0)
+    for i in tl.static_range(K - 1):
+        acc += tl.load(w + cols * K + i, mask=cmask, other=0.0).to(tl.float32) * prev.to(tl.float32)
+        if i + 1 < K - 1:
+            nxt = tl.load(srow + i + 1, mask=cmask, other=0.0)
+        else:
+            nxt = xnew.to(prev.dtype)
+        tl.store(srow + i, nxt, mask=cmask)
+        prev = nxt
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y + b * C + cols, acc.to(y.dtype.element_ty), mask=cmask)
+
+
+def causal_conv1d_update(x, conv_state, weight, activation="silu"):
+    """Triton `causal_conv1d_update_ref`: x [B, C]; conv_state [B, C, K-1] updated in place; returns y [B, C]."""
+    B, C = x.shape
+    K = weight.shape[1]
+    if conv_state.shape != (B, C, K - 1) or not conv_state.is_contiguous():
+        raise ValueError(f"conv_state must be a contiguous [B, C, K-1] = {(B, C, K - 1)}; got {tuple(conv_state.shape)}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    y = torch.empty_like(x)
+    BC = _block_c(C)
+    _conv_update_kernel[(B, triton.cdiv(C, BC))](x.contiguous(), conv_state, weight.contiguous(), y, C, K=K, BC=BC,
+                                                 SILU=activation == "silu")
+    return y

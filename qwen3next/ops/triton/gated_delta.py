@@ -1,0 +1,620 @@
+"""Triton gated delta rule: chunked forward and backward (prefill, training), recurrent decode, pool update.
+
+Contracts: `qwen3next.ops.gated_delta` (shapes, GVA, varlen, dtypes). Every input is seen as one packed
+row of tokens ([B, T, ...] is B sequences of T); a value head hv reads key head hv // (Hv / Hk) directly
+(repeated q/k are never materialised). q, k, v share one dtype (bf16, fp16 or fp32): the matrix products
+take operands in that dtype with fp32 accumulation; gates, decays, states and all element-wise work are fp32.
+
+Chunked form (C = 64 steps a chunk; c = within-chunk cumulative g, so every exp() below is of a
+non-positive number; A_ij = beta_i exp(c_i - c_j) k_i.k_j for j < i; T = (I + A)^-1):
+    d = T (beta * (v - exp(c) * (k S)))            the delta-rule writes (fla's v_new)
+    o = exp(c) * (q S) + (P d),  P_ij = exp(c_i - c_j) q_i.k_j for j <= i
+    S <- exp(c_C) S + (exp(c_C - c) * k)^T d
+Kernels:
+  1. `_chunk_inverse_kernel`, parallel over chunks x value heads: T of every chunk, by forward
+     substitution on the four 16x16 diagonal blocks and block products for the rest. Writes only T
+     (64 numbers per token and head, in the input dtype).
+  2. `_chunk_fwd_kernel`, sequential over a sequence's chunks, parallel over sequences x value heads x
+     dv blocks (the columns of S evolve independently, so splitting dv gives B = 1 enough programs).
+     Holds S in registers and writes o directly: where fla writes w, u, v_new and every chunk's state to
+     memory and reads them back, this writes nothing per chunk in inference. For training it also saves S
+     at each chunk start.
+  3. `_chunk_bwd_state_kernel`, sequential in reverse: dS at every chunk end (and d initial state):
+        dd = P^T dO + (exp(c_C - c) * k) dS',  y = T^T dd,
+        dS = exp(c_C) dS' + (exp(c) * q)^T dO - (beta exp(c) * k)^T y.
+  4. `_chunk_bwd_kernel`, parallel over chunks x value heads: from the chunk's S and dS' it recomputes
+     d, dd and y (a loop over dv blocks) and forms dq, dk, dv, dbeta and dg (a reverse cumsum of the
+     gradient of c). dq/dk are per value head; torch sums them over the group, then the L2-norm
+     backward kernel applies when the norm is in-kernel.
+
+Decode: `_recurrent_kernel` runs the recurrence token by token with S in registers, one program per
+(sequence, value head, dv block); `recurrent_gated_delta_rule_update` points it at rows of a state pool
+and writes them back in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gated_delta import check_gated_delta_inputs, check_pool_update_inputs
+from . import block_table, num_sms, sequence_offsets
+from .norms import L2, norm_backward
+
+CHUNK = 64
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(ptr, t, tmask, head, H: tl.constexpr, D: tl.constexpr, cols, L2NORM: tl.constexpr):
+    """fp32 rows [len(t), len(cols)] of a packed [tokens, H, D] tensor at head `head`, optionally L2-normalised."""
+    x = tl.load(ptr + (t[:, None] * H + head) * D + cols[None, :], mask=tmask[:, None] & (cols < D)[None, :],
+                other=0.0).to(tl.float32)
+    if L2NORM:
+        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
+    return x
+
+
+@triton.jit
+def _load_gates(g, beta, t, tmask, hv, HV: tl.constexpr):
+    """(c, c_C, beta) of a chunk: within-chunk cumulative log-decay [C], its last value, write strengths [C]."""
+    gb = tl.load(g + t * HV + hv, mask=tmask, other=0.0).to(tl.float32)
+    bb = tl.load(beta + t * HV + hv, mask=tmask, other=0.0).to(tl.float32)
+    return tl.cumsum(gb, 0), tl.sum(gb, 0), bb
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. T = (I + A)^-1 per chunk
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _inv_unit_lower(a):
+    """(I + a)^-1 for a strictly lower-triangular [16, 16] a, by forward substitution, row by row."""
+    r = tl.arange(0, 16)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    t = (r == c).to(tl.float32)
+    for i in tl.static_range(1, 16):
+        a_i = tl.sum(tl.where(r == i, a, 0.0), 0)                 # row i of a, indexed by column j
+        row = -tl.sum(a_i[:, None] * t, 0)                         # -sum_j a_ij t_j (rows j < i are final)
+        t = tl.where(r == i, row[None, :] + (c == i).to(tl.float32), t)
+    return t
+
+
+@triton.jit
+def _a_block(ki, kj, bi, ci, cj, DIAG: tl.constexpr, PREC: tl.constexpr):
+    """Block (i, j) of A: beta_i exp(c_i - c_j) k_i.k_j, strictly lower on the diagonal."""
+    a = tl.dot(ki, tl.trans(kj), input_precision=PREC)
+    if DIAG:
+        strict = tl.arange(0, 16)[:, None] > tl.arange(0, 16)[None, :]
+        a = tl.where(strict, a * bi[:, None] * tl.exp(tl.where(strict, ci[:, None] - cj[None, :], 0.0)), 0.0)
+    else:
+        a = a * bi[:, None] * tl.exp(ci[:, None] - cj[None, :])
+    return a
+
+
+@triton.jit
+def _store_block(ptr, t0, eos, hv, HV: tl.constexpr, i: tl.constexpr, j: tl.constexpr, blk):
+    rows = t0 + i * 16 + tl.arange(0, 16)
+    tl.store(ptr + (rows[:, None] * HV + hv) * 64 + j * 16 + tl.arange(0, 16)[None, :],
+             blk.to(ptr.dtype.element_ty), mask=(rows < eos)[:, None])
+
+
+@triton.jit
+def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
+                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
+                          L2NORM: tl.constexpr, PREC: tl.constexpr):
+    cid, hv = tl.program_id(0), tl.program_id(1)
+    hk = hv // (HV // HK)
+    n = tl.load(chunk_seq + cid)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    t0 = bos + tl.load(chunk_pos + cid).to(tl.int64) * 64
+    cols = tl.arange(0, BK)
+    dt = k.dtype.element_ty
+    ts = t0 + tl.arange(0, 16)
+    k0 = _load_rows(k, ts, ts < eos, hk, HK, DK, cols, L2NORM)
+    k1 = _load_rows(k, ts + 16, ts + 16 < eos, hk, HK, DK, cols, L2NORM)
+    k2 = _load_rows(k, ts + 32, ts + 32 < eos, hk, HK, DK, cols, L2NORM)
+    k3 = _load_rows(k, ts + 48, ts + 48 < eos, hk, HK, DK, cols, L2NORM)
+    g0 = tl.load(g + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
+    g1 = tl.load(g + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
+    g2 = tl.load(g + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
+    g3 = tl.load(g + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
+    b0 = tl.load(beta + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
+    b1 = tl.load(beta + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
+    b2 = tl.load(beta + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
+    b3 = tl.load(beta + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
+    c0 = tl.cumsum(g0, 0)
+    c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    c2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    c3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+    k0, k1, k2, k3 = k0.to(dt), k1.to(dt), k2.to(dt), k3.to(dt)
+    t00 = _inv_unit_lower(_a_block(k0, k0, b0, c0, c0, True, PREC))
+    t11 = _inv_unit_lower(_a_block(k1, k1, b1, c1, c1, True, PREC))
+    t22 = _inv_unit_lower(_a_block(k2, k2, b2, c2, c2, True, PREC))
+    t33 = _inv_unit_lower(_a_block(k3, k3, b3, c3, c3, True, PREC))
+    a10 = _a_block(k1, k0, b1, c1, c0, False, PREC)
+    a21 = _a_block(k2, k1, b2, c2, c1, False, PREC)
+    a32 = _a_block(k3, k2, b3, c3, c2, False, PREC)
+    a20 = _a_block(k2, k0, b2, c2, c0, False, PREC)
+    a31 = _a_block(k3, k1, b3, c3, c1, False, PREC)
+    a30 = _a_block(k3, k0, b3, c3, c0, False, PREC)
+    # T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj  (i > j)
+    t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=PREC), input_precision=PREC)
+    t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=PREC), input_precision=PREC)
+    t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=PREC), input_precision=PREC)
+    t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision=PREC) + tl.dot(a21, t10, input_precision=PREC),
+                  input_precision=PREC)
+    t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision=PREC) + tl.dot(a32, t21, input_precision=PREC),
+                  input_precision=PREC)
+    t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=PREC) + tl.dot(a31, t10, input_precision=PREC)
+                  + tl.dot(a32, t20, input_precision=PREC), input_precision=PREC)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    _store_block(tinv, t0, eos, hv, HV, 0, 0, t00)
+    _store_block(tinv, t0, eos, hv, HV, 0, 1, zero)
+    _store_block(tinv, t0, eos, hv, HV, 0, 2, zero)
+    _store_block(tinv, t0, eos, hv, HV, 0, 3, zero)
+    _store_block(tinv, t0, eos, hv, HV, 1, 0, t10)
+    _store_block(tinv, t0, eos, hv, HV, 1, 1, t11)
+    _store_block(tinv, t0, eos, hv, HV, 1, 2, zero)
+    _store_block(tinv, t0, eos, hv, HV, 1, 3, zero)
+    _store_block(tinv, t0, eos, hv, HV, 2, 0, t20)
+    _store_block(tinv, t0, eos, hv, HV, 2, 1, t21)
+    _store_block(tinv, t0, eos, hv, HV, 2, 2, t22)
+    _store_block(tinv, t0, eos, hv, HV, 2, 3, zero)
+    _store_block(tinv, t0, eos, hv, HV, 3, 0, t30)
+    _store_block(tinv, t0, eos, hv, HV, 3, 1, t31)
+    _store_block(tinv, t0, eos, hv, HV, 3, 2, t32)
+    _store_block(tinv, t0, eos, hv, HV, 3, 3, t33)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. forward: sequential over chunks, S in registers
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _decay_matrix(c, causal):
+    """exp(c_i - c_j) where j <= i, else 0."""
+    return tl.where(causal, tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)), 0.0)
+
+
+@triton.jit
+def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scale,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
+                      STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, PREC: tl.constexpr):
+    iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hk = hv // (HV // HK)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    coff = tl.load(chunk_off + n).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    rt = tl.arange(0, 64)
+    vmask = rv < DV
+    smask = (rk < DK)[:, None] & vmask[None, :]
+    soff = rk[:, None] * DV + rv[None, :]
+    causal = rt[:, None] >= rt[None, :]
+    dt = q.dtype.element_ty
+    if HAS_H0:
+        S = tl.load(h0 + (n * HV + hv) * DK * DV + soff, mask=smask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for ci in range(tl.cdiv(eos - bos, 64)):
+        t = bos + ci * 64 + rt
+        tm = t < eos
+        if STORE_HS:
+            tl.store(hs + ((coff + ci) * HV + hv) * DK * DV + soff, S.to(hs.dtype.element_ty), mask=smask)
+        qb = _load_rows(q, t, tm, hk, HK, DK, rk, L2NORM) * scale
+        kb = _load_rows(k, t, tm, hk, HK, DK, rk, L2NORM)
+        vb = tl.load(v + (t[:, None] * HV + hv) * DV + rv[None, :], mask=tm[:, None] & vmask[None, :],
+                     other=0.0).to(tl.float32)
+        c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
+        tb = tl.load(tinv + (t[:, None] * HV + hv) * 64 + rt[None, :], mask=tm[:, None], other=0.0)
+        gam = tl.exp(c)
+        kd = kb.to(dt)
+        sd = S.to(dt)
+        ks = tl.dot(kd, sd, input_precision=PREC)
+        d = tl.dot(tb, (bb[:, None] * (vb - gam[:, None] * ks)).to(dt), input_precision=PREC).to(dt)
+        p = tl.dot(qb.to(dt), tl.trans(kd), input_precision=PREC) * _decay_matrix(c, causal)
+        ob = tl.dot((qb * gam[:, None]).to(dt), sd, input_precision=PREC) + tl.dot(p.to(dt), d, input_precision=PREC)
+        tl.store(o + (t[:, None] * HV + hv) * DV + rv[None, :], ob.to(o.dtype.element_ty),
+                 mask=tm[:, None] & vmask[None, :])
+        S = S * tl.exp(c_last) + tl.dot(tl.trans((kb * tl.exp(c_last - c)[:, None]).to(dt)), d, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + (n * HV + hv) * DK * DV + soff, S, mask=smask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. backward: dS at every chunk boundary, sequential in reverse
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_bwd_state_kernel(q, k, g, beta, tinv, do, dht, dh0, dhs, cu, chunk_off, scale,
+                            HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_DHT: tl.constexpr,
+                            STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+    iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hk = hv // (HV // HK)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    coff = tl.load(chunk_off + n).to(tl.int64)
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    rt = tl.arange(0, 64)
+    vmask = rv < DV
+    smask = (rk < DK)[:, None] & vmask[None, :]
+    soff = rk[:, None] * DV + rv[None, :]
+    causal = rt[:, None] >= rt[None, :]
+    dt = q.dtype.element_ty
+    if HAS_DHT:
+        dS = tl.load(dht + (n * HV + hv) * DK * DV + soff, mask=smask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    nc = tl.cdiv(eos - bos, 64)
+    for i in range(nc):
+        ci = nc - 1 - i
+        tl.store(dhs + ((coff + ci) * HV + hv) * DK * DV + soff, dS.to(dhs.dtype.element_ty), mask=smask)
+        t = bos + ci * 64 + rt
+        tm = t < eos
+        qb = _load_rows(q, t, tm, hk, HK, DK, rk, L2NORM) * scale
+        kb = _load_rows(k, t, tm, hk, HK, DK, rk, L2NORM)
+        c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
+        tb = tl.load(tinv + (t[:, None] * HV + hv) * 64 + rt[None, :], mask=tm[:, None], other=0.0)
+        dob = tl.load(do + (t[:, None] * HV + hv) * DV + rv[None, :], mask=tm[:, None] & vmask[None, :],
+                      other=0.0).to(dt)
+        gam = tl.exp(c)
+        kd = kb.to(dt)
+        p = tl.dot(qb.to(dt), tl.trans(kd), input_precision=PREC) * _decay_matrix(c, causal)
+        dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
+            + tl.dot((kb * tl.exp(c_last - c)[:, None]).to(dt), dS.to(dt), input_precision=PREC)
+        y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
+        dS = dS * tl.exp(c_last) + tl.dot(tl.trans((qb * gam[:, None]).to(dt)), dob, input_precision=PREC) \
+            - tl.dot(tl.trans((kb * (bb * gam)[:, None]).to(dt)), y.to(dt), input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0 + (n * HV + hv) * DK * DV + soff, dS, mask=smask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. backward: all input gradients, parallel over chunks
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, cu, chunk_seq, chunk_pos, scale,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
+    cid, hv = tl.program_id(0), tl.program_id(1)
+    hk = hv // (HV // HK)
+    n = tl.load(chunk_seq + cid)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    rt = tl.arange(0, 64)
+    t = bos + tl.load(chunk_pos + cid).to(tl.int64) * 64 + rt
+    tm = t < eos
+    rk = tl.arange(0, BK)
+    kmask = rk < DK
+    causal = rt[:, None] >= rt[None, :]
+    strict = rt[:, None] > rt[None, :]
+    dt = q.dtype.element_ty
+    qb = _load_rows(q, t, tm, hk, HK, DK, rk, L2NORM) * scale
+    kb = _load_rows(k, t, tm, hk, HK, DK, rk, L2NORM)
+    c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
+    tb = tl.load(tinv + (t[:, None] * HV + hv) * 64 + rt[None, :], mask=tm[:, None], other=0.0)
+    gam = tl.exp(c)
+    e = tl.exp(c_last - c)
+    decay = _decay_matrix(c, causal)
+    qd = qb.to(dt)
+    kd = kb.to(dt)
+    qk = tl.dot(qd, tl.trans(kd), input_precision=PREC)
+    pd = (qk * decay).to(dt)
+    ked = (kb * e[:, None]).to(dt)
+    acc_q = tl.zeros([64, BK], dtype=tl.float32)      # exp(c) * (dO S^T)
+    acc_k = tl.zeros([64, BK], dtype=tl.float32)      # e * (d dS'^T) - beta exp(c) * (y S^T)
+    dp = tl.zeros([64, 64], dtype=tl.float32)         # dO d^T
+    da = tl.zeros([64, 64], dtype=tl.float32)         # -y d^T
+    db = tl.zeros([64], dtype=tl.float32)
+    dc = tl.zeros([64], dtype=tl.float32)
+    z = tl.zeros([64], dtype=tl.float32)
+    s_ds = tl.zeros([BK], dtype=tl.float32)
+    sbase = (cid * HV + hv).to(tl.int64) * DK * DV
+    for v0 in range(0, DV, BV):
+        rv = v0 + tl.arange(0, BV)
+        vmask = rv < DV
+        smask = kmask[:, None] & vmask[None, :]
+        soff = sbase + rk[:, None] * DV + rv[None, :]
+        sd = tl.load(hs + soff, mask=smask, other=0.0).to(dt)
+        dsd = tl.load(dhs + soff, mask=smask, other=0.0).to(dt)
+        toff = (t[:, None] * HV + hv) * DV + rv[None, :]
+        tvmask = tm[:, None] & vmask[None, :]
+        vb = tl.load(v + toff, mask=tvmask, other=0.0).to(tl.float32)
+        dob = tl.load(do + toff, mask=tvmask, other=0.0).to(dt)
+        ks = tl.dot(kd, sd, input_precision=PREC)
+        resid = vb - gam[:, None] * ks
+        d = tl.dot(tb, (bb[:, None] * resid).to(dt), input_precision=PREC)
+        ke_ds = tl.dot(ked, dsd, input_precision=PREC)
+        ddv = tl.dot(tl.trans(pd), dob, input_precision=PREC) + ke_ds
+        y = tl.dot(tl.trans(tb), ddv.to(dt), input_precision=PREC)
+        tl.store(dv + toff, (bb[:, None] * y).to(dv.dtype.element_ty), mask=tvmask)
+        db += tl.sum(y * resid, 1)
+        dc -= bb * gam * tl.sum(y * ks, 1)
+        z += tl.sum(ke_ds * d, 1)
+        s_ds += tl.sum(sd.to(tl.float32) * dsd.to(tl.float32), 1)
+        d_d = d.to(dt)
+        y_d = y.to(dt)
+        acc_q += tl.dot((dob.to(tl.float32) * gam[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
+        acc_k += tl.dot((d * e[:, None]).to(dt), tl.trans(dsd), input_precision=PREC)
+        acc_k -= tl.dot((y * (bb * gam)[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
+        dp += tl.dot(dob, tl.trans(d_d), input_precision=PREC)
+        da -= tl.dot(y_d, tl.trans(d_d), input_precision=PREC)
+    dpe = dp * decay                                  # masked to j <= i by decay
+    dpe_d = dpe.to(dt)
+    dq_b = acc_q + tl.dot(dpe_d, kd, input_precision=PREC)
+    m1 = dpe * qk
+    dc += tl.sum(qb * acc_q, 1) + tl.sum(m1, 1) - tl.sum(m1, 0) - z
+    ga = tl.where(strict, da * decay, 0.0)
+    ga_d = ga.to(dt)
+    kk = tl.dot(kd, tl.trans(kd), input_precision=PREC)
+    dk_b = tl.dot(tl.trans(dpe_d), qd, input_precision=PREC) + acc_k \
+        + bb[:, None] * tl.dot(ga_d, kd, input_precision=PREC) \
+        + tl.dot(tl.trans(ga_d), (kb * bb[:, None]).to(dt), input_precision=PREC)
+    m2 = ga * kk
+    db += tl.sum(m2, 1)
+    m3 = m2 * bb[:, None]
+    dc += tl.sum(m3, 1) - tl.sum(m3, 0)
+    dc += tl.where(rt == 63, tl.exp(c_last) * tl.sum(s_ds, 0) + tl.sum(z, 0), 0.0)
+    dgv = tl.sum(dc, 0) - tl.cumsum(dc, 0) + dc        # dg_m = sum_{i >= m} dc_i
+    qoff = (t[:, None] * HV + hv) * DK + rk[None, :]
+    qmask = tm[:, None] & kmask[None, :]
+    tl.store(dq + qoff, dq_b * scale, mask=qmask)
+    tl.store(dk + qoff, dk_b, mask=qmask)
+    tl.store(dg + t * HV + hv, dgv, mask=tm)
+    tl.store(dbeta + t * HV + hv, db, mask=tm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode: the recurrence, token by token
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _recurrent_kernel(q, k, v, g, beta, s_in, s_out, idx, o, cu, T, scale,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, VARLEN: tl.constexpr,
+                      HAS_S_IN: tl.constexpr, STORE_S: tl.constexpr, USE_IDX: tl.constexpr):
+    iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    hk = hv // (HV // HK)
+    if VARLEN:
+        bos = tl.load(cu + n).to(tl.int64)
+        eos = tl.load(cu + n + 1).to(tl.int64)
+    else:
+        bos = n * T
+        eos = bos + T
+    if USE_IDX:
+        row = tl.load(idx + n).to(tl.int64)
+    else:
+        row = n
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    live = (tl.zeros([BV], dtype=tl.int64) + row) >= 0   # a negative pool index marks a padding entry
+    row = tl.maximum(row, 0)
+    kmask = rk < DK
+    vmask = rv < DV
+    smask = kmask[:, None] & (vmask & live)[None, :]
+    soff = (row * HV + hv) * DK * DV + rk[:, None] * DV + rv[None, :]
+    if HAS_S_IN:
+        S = tl.load(s_in + soff, mask=smask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for t in range(bos, eos):
+        qv = tl.load(q + (t * HK + hk) * DK + rk, mask=kmask, other=0.0).to(tl.float32)
+        kv = tl.load(k + (t * HK + hk) * DK + rk, mask=kmask, other=0.0).to(tl.float32)
+        if L2NORM:
+            qv = qv * tl.rsqrt(tl.sum(qv * qv, 0) + 1e-6)
+            kv = kv * tl.rsqrt(tl.sum(kv * kv, 0) + 1e-6)
+        vv = tl.load(v + (t * HV + hv) * DV + rv, mask=vmask, other=0.0).to(tl.float32)
+        gt = tl.load(g + t * HV + hv).to(tl.float32)
+        bt = tl.load(beta + t * HV + hv).to(tl.float32)
+        S = S * tl.exp(gt)
+        delta = bt * (vv - tl.sum(S * kv[:, None], 0))
+        S = S + kv[:, None] * delta[None, :]
+        ov = tl.sum(S * (qv * scale)[:, None], 0)
+        tl.store(o + (t * HV + hv) * DV + rv, tl.where(live, ov, 0.0).to(o.dtype.element_ty), mask=vmask)
+    if STORE_S:
+        tl.store(s_out + soff, S, mask=smask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------
+
+def _check_kernel_inputs(q, k, v) -> None:
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype of {_DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 256 or v.shape[-1] > 256:
+        raise ValueError(f"head dims above 256 are not supported (dk={q.shape[-1]}, dv={v.shape[-1]})")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get fp32 products (no tf32), so that fp32 results match the reference."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16)) -> int:
+    """The widest dv block that still gives every multiprocessor about one program: the sequential
+    kernels parallelise only over sequences x heads x dv blocks."""
+    for bv in choices:
+        if programs_per_block * triton.cdiv(DV, bv) >= num_sms(device):
+            return min(bv, triton.next_power_of_2(DV))
+    return min(choices[-1], triton.next_power_of_2(DV))
+
+
+class _Layout:
+    """Where the sequences and 64-step chunks lie in the packed token row."""
+
+    def __init__(self, B: int, T: int, cu_seqlens, device):
+        self.cu, offsets = sequence_offsets(B, T, cu_seqlens, device)
+        self.N = len(offsets) - 1
+        self.chunk_seq, self.chunk_pos, self.NC = block_table(offsets, CHUNK, False, device)
+        counts = [-(-(offsets[n + 1] - offsets[n]) // CHUNK) for n in range(self.N)]
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        self.chunk_off = torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, block_v=None):
+    """Kernels 1 and 2 on packed, contiguous inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv], g, beta
+    [tokens, Hv] fp32. Returns (o, final state or None, T, chunk-start states or None)."""
+    n_tok, HK, DK = q.shape
+    HV, DV = v.shape[1:]
+    BK = max(16, triton.next_power_of_2(DK))
+    prec = _precision(q.dtype)
+    tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
+    if layout.NC:
+        _chunk_inverse_kernel[(layout.NC, HV)](k, g, beta, tinv, layout.cu, layout.chunk_seq, layout.chunk_pos,
+                                               HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec, num_warps=4)
+    o = torch.empty_like(v)
+    ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
+    hs = torch.empty(layout.NC, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
+    BV = block_v or _block_v(layout.N * HV, DV, q.device)
+    _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
+        q, k, v, g, beta, tinv, h0 if h0 is not None else o, o, ht if ht is not None else o,
+        hs if hs is not None else o, layout.cu, layout.chunk_off, scale,
+        HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
+        STORE_HT=output_final_state, STORE_HS=save_states, PREC=prec, num_warps=4)
+    return o, ht, tinv, hs
+
+
+def _chunk_backward(q, k, v, g, beta, tinv, hs, do, dht, scale, l2norm, layout, want_dh0):
+    """Kernels 3 and 4. Returns (dq, dk in fp32 per key head, dv, dg fp32, dbeta fp32, dh0 or None)."""
+    n_tok, HK, DK = q.shape
+    HV, DV = v.shape[1:]
+    BK = max(16, triton.next_power_of_2(DK))
+    prec = _precision(q.dtype)
+    dhs = torch.empty_like(hs)
+    dh0 = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if want_dh0 else None
+    BV = _block_v(layout.N * HV, DV, q.device)
+    _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
+        q, k, g, beta, tinv, do, dht if dht is not None else do, dh0 if dh0 is not None else do, dhs,
+        layout.cu, layout.chunk_off, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
+        HAS_DHT=dht is not None, STORE_DH0=want_dh0, PREC=prec, num_warps=4)
+    dq = torch.empty(n_tok, HV, DK, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    dg = torch.empty(n_tok, HV, dtype=torch.float32, device=q.device)
+    dbeta = torch.empty_like(dg)
+    if layout.NC:
+        _chunk_bwd_kernel[(layout.NC, HV)](
+            q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.chunk_seq,
+            layout.chunk_pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=min(64, triton.next_power_of_2(DV)),
+            L2NORM=l2norm, PREC=prec, num_warps=8)
+    r = HV // HK
+    if r > 1:  # value heads of a group share their key head
+        dq, dk = dq.view(n_tok, HK, r, DK).sum(2), dk.view(n_tok, HK, r, DK).sum(2)
+    if l2norm:
+        dq = norm_backward(L2, q, None, None, dq, 1e-6, dx_dtype=torch.float32)[0]
+        dk = norm_backward(L2, k, None, None, dk, 1e-6, dx_dtype=torch.float32)[0]
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, cu_seqlens):
+        B, T, HK, DK = q.shape
+        HV, DV = v.shape[2:]
+        layout = _Layout(B, T, cu_seqlens, q.device)
+        qp, kp = q.contiguous().view(B * T, HK, DK), k.contiguous().view(B * T, HK, DK)
+        vp = v.contiguous().view(B * T, HV, DV)
+        gp = g.float().contiguous().view(B * T, HV)
+        bp = beta.float().contiguous().view(B * T, HV)
+        h0 = initial_state.float().contiguous() if initial_state is not None else None
+        training = any(ctx.needs_input_grad)
+        o, ht, tinv, hs = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
+                                         save_states=training)
+        if training:
+            ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, hs)
+            ctx.layout, ctx.scale, ctx.l2norm = layout, scale, l2norm
+            ctx.shapes = (q.shape, v.shape, g.dtype, beta.dtype,
+                          initial_state.dtype if initial_state is not None else None)
+        return o.view(v.shape), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qp, kp, vp, gp, bp, tinv, hs = ctx.saved_tensors
+        q_shape, v_shape, g_dtype, beta_dtype, h0_dtype = ctx.shapes
+        dop = do.contiguous().view(vp.shape)
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(
+            qp, kp, vp, gp, bp, tinv, hs, dop, dht.float().contiguous() if dht is not None else None,
+            ctx.scale, ctx.l2norm, ctx.layout, want_dh0=h0_dtype is not None)
+        return (dq.to(qp.dtype).view(q_shape), dk.to(kp.dtype).view(q_shape), dv.view(v_shape),
+                dg.to(g_dtype).view(v_shape[:3]), dbeta.to(beta_dtype).view(v_shape[:3]),
+                None, dh0.to(h0_dtype) if dh0 is not None else None, None, None, None)
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+    """Triton `chunk_gated_delta_rule_ref` (differentiable in q, k, v, g, beta, initial_state).
+
+    q, k [B, T, Hk, dk]; v [B, T, Hv, dv]; g (log decay), beta [B, T, Hv]; initial_state [N, Hv, dk, dv];
+    cu_seqlens [N+1] packs N sequences into B = 1. Returns (o [B, T, Hv, dv] in v's dtype, final state
+    [N, Hv, dk, dv] fp32 or None)."""
+    check_gated_delta_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    _check_kernel_inputs(q, k, v)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                      use_qk_l2norm_in_kernel, cu_seqlens)
+
+
+def _recurrent(q, k, v, g, beta, scale, s_in, s_out, idx, cu, l2norm, N):
+    B, T, HK, DK = q.shape
+    HV, DV = v.shape[2:]
+    BK = max(16, triton.next_power_of_2(DK))
+    BV = _block_v(N * HV, DV, q.device, choices=(64, 32, 16, 8))
+    o = torch.empty_like(v)
+    _recurrent_kernel[(triton.cdiv(DV, BV), HV, N)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+        s_in if s_in is not None else o, s_out if s_out is not None else o, idx if idx is not None else o,
+        o, cu if cu is not None else o, T, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
+        VARLEN=cu is not None, HAS_S_IN=s_in is not None, STORE_S=s_out is not None, USE_IDX=idx is not None,
+        num_warps=4 if BV >= 32 else 2)
+    return o
+
+
+def _no_grad_check(*tensors) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError("the Triton recurrent gated delta rule is inference-only (no autograd); "
+                           "use chunk_gated_delta_rule for training")
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                                     use_qk_l2norm_in_kernel=False, cu_seqlens=None):
+    """Triton `recurrent_gated_delta_rule_ref` for decode (a few tokens a sequence), inference only.
+    Returns (o [B, T, Hv, dv] in v's dtype, final state [N, Hv, dk, dv] fp32 or None)."""
+    N = check_gated_delta_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    _check_kernel_inputs(q, k, v)
+    _no_grad_check(q, k, v, g, beta, initial_state)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    HV, DK, DV = v.shape[2], q.shape[3], v.shape[3]
+    s_in = initial_state.float().contiguous() if initial_state is not None else None
+    s_out = torch.empty(N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
+    cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None
+    o = _recurrent(q, k, v, g, beta, scale, s_in, s_out, None, cu, use_qk_l2norm_in_kernel, N)
+    return o, s_out
+
+
+def recurrent_gated_delta_rule_update(q, k, v, g, beta, state_pool, state_indices, scale=None,
+                                      use_qk_l2norm_in_kernel=False):
+    """Triton `recurrent_gated_delta_rule_update_ref`: advance B sequences whose states live in rows
+    `state_indices` [B] of `state_pool` [P, Hv, dk, dv] (fp32, contiguous), in place; returns o
+    [B, T, Hv, dv]. A negative index marks a padding entry: its o is zero and no state is touched.
+    No host synchronisation, so it can be captured in a CUDA graph."""
+    check_pool_update_inputs(q, k, v, g, beta, state_pool, state_indices)
+    _check_kernel_inputs(q, k, v)
+    _no_grad_check(q, k, v, g, beta)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    return _recurrent(q, k, v, g, beta, scale, state_pool, state_pool, state_indices, None,
+                      use_qk_l2norm_in_kernel, q.shape[0])

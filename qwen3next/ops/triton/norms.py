@@ -1,0 +1,161 @@
+"""Triton norms over the last dim, forward and backward: zero-centred RMSNorm, gated RMSNorm, L2 norm.
+
+Same contracts as `qwen3next.ops.norms` (`rms_norm_ref`, `gated_rms_norm_ref`, `l2_norm_ref`). One kernel
+pair serves all three (`MODE`): each program normalises `ROWS` rows of length D <= BLOCK_D in fp32 and
+writes y in x's dtype. The weight gradient is summed per program, then over programs by torch.
+Roundings differ from the references only by the final cast (everything stays fp32 until then).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import num_sms
+
+L2, RMS, GATED = 0, 1, 2
+
+
+@triton.jit
+def _norm_fwd_kernel(x, gate, w, y, n_rows, D, eps, MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    xf = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 0:
+        out = xf * tl.rsqrt(tl.sum(xf * xf, 1) + eps)[:, None]
+    else:
+        xh = xf * tl.rsqrt(tl.sum(xf * xf, 1) / D + eps)[:, None]
+        wf = tl.load(w + cols, mask=cols < D, other=0.0).to(tl.float32)
+        if MODE == 1:
+            out = xh * (1.0 + wf)[None, :]
+        else:
+            z = tl.load(gate + offs, mask=mask, other=0.0).to(tl.float32)
+            out = xh * wf[None, :] * z * tl.sigmoid(z)
+    tl.store(y + offs, out.to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(x, gate, w, dy, dx, dgate, dw_part, n_rows, D, eps,
+                     MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    if MODE != 0:
+        wf = tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for start in range(pid * ROWS, n_rows, tl.num_programs(0) * ROWS):
+        rows = start + tl.arange(0, ROWS).to(tl.int64)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        xf = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 0:
+            r = tl.rsqrt(tl.sum(xf * xf, 1) + eps)[:, None]
+            yh = xf * r
+            grad = r * (g - yh * tl.sum(yh * g, 1)[:, None])
+        else:
+            r = tl.rsqrt(tl.sum(xf * xf, 1) / D + eps)[:, None]
+            xh = xf * r
+            if MODE == 1:
+                dxh = g * (1.0 + wf)[None, :]
+                dw_acc += tl.sum(g * xh, 0)
+            else:
+                z = tl.load(gate + offs, mask=mask, other=0.0).to(tl.float32)
+                sig = tl.sigmoid(z)
+                silu = z * sig
+                dxh = g * wf[None, :] * silu
+                dw_acc += tl.sum(g * xh * silu, 0)
+                dz = g * xh * wf[None, :] * sig * (1.0 + z * (1.0 - sig))
+                tl.store(dgate + offs, dz.to(dgate.dtype.element_ty), mask=mask)
+            grad = r * (dxh - xh * (tl.sum(dxh * xh, 1) / D)[:, None])
+        tl.store(dx + offs, grad.to(dx.dtype.element_ty), mask=mask)
+    if MODE != 0:
+        tl.store(dw_part + pid * D + cols, dw_acc, mask=cmask)
+
+
+def _config(D: int) -> tuple[int, int]:
+    if D > 16384:
+        raise ValueError(f"the Triton norms take rows of at most 16384 elements, got {D}")
+    block_d = triton.next_power_of_2(D)
+    return block_d, max(1, min(16, 2048 // block_d))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+def norm_forward(mode: int, x: torch.Tensor, gate, weight, eps: float) -> torch.Tensor:
+    """Launch the forward kernel; x [..., D] (gate like x, weight [D] where the mode uses them)."""
+    xr = _rows(x)
+    n, D = xr.shape
+    block_d, rows = _config(D)
+    y = torch.empty_like(xr)
+    if n:
+        _norm_fwd_kernel[(triton.cdiv(n, rows),)](
+            xr, _rows(gate) if gate is not None else xr, weight if weight is not None else xr, y, n, D, eps,
+            MODE=mode, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 1024 else 8)
+    return y.view(x.shape)
+
+
+def norm_backward(mode: int, x, gate, weight, dy, eps: float, dx_dtype=None):
+    """Launch the backward kernel: returns (dx, dgate or None, dweight or None); dx in `dx_dtype` (x's by default)."""
+    xr, dyr = _rows(x), _rows(dy)
+    n, D = xr.shape
+    block_d, rows = _config(D)
+    dx = torch.empty(xr.shape, dtype=dx_dtype or x.dtype, device=x.device)
+    dgate = torch.empty_like(_rows(gate)) if mode == GATED else None
+    grid = max(1, min(triton.cdiv(n, rows), 4 * num_sms(x.device)))
+    dw_part = torch.empty(grid, D, dtype=torch.float32, device=x.device) if mode != L2 else None
+    if n:
+        _norm_bwd_kernel[(grid,)](
+            xr, _rows(gate) if gate is not None else xr, weight if weight is not None else xr, dyr, dx,
+            dgate if dgate is not None else dx, dw_part if dw_part is not None else dx, n, D, eps,
+            MODE=mode, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 1024 else 8)
+    elif dw_part is not None:
+        dw_part.zero_()
+    dw = dw_part.sum(0).to(weight.dtype) if dw_part is not None else None
+    return dx.view(x.shape), (dgate.view(gate.shape) if dgate is not None else None), dw
+
+
+class _Norm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mode, x, gate, weight, eps):
+        ctx.mode, ctx.eps = mode, eps
+        ctx.save_for_backward(x, gate, weight)
+        return norm_forward(mode, x, gate, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, gate, weight = ctx.saved_tensors
+        dx, dgate, dw = norm_backward(ctx.mode, x, gate, weight, dy, ctx.eps)
+        return None, dx, dgate, dw, None
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if weight is not None and weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Zero-centred RMSNorm `x / sqrt(mean(x^2) + eps) * (1 + weight)`; x [..., D], weight [D]."""
+    _check(x, weight)
+    return _Norm.apply(RMS, x, None, weight, eps)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`rmsnorm(x) * weight * silu(gate)`; x, gate [..., d], weight [d]."""
+    _check(x, weight, gate)
+    return _Norm.apply(GATED, x, gate, weight, eps)
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """`x * rsqrt(sum(x^2) + eps)` over the last dim; x [..., D]."""
+    _check(x, None)
+    return _Norm.apply(L2, x, None, None, eps)
