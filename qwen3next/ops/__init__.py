@@ -14,14 +14,25 @@ import os
 import torch
 
 from .conv import causal_conv1d_ref, causal_conv1d_update_ref
-from .gated_delta import chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref
+from .gated_delta import (
+    chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_update_ref,
+)
 from .moe import load_balancing_loss_ref, moe_experts_ref, route_ref
 from .norms import gated_rms_norm_ref, l2_norm_ref, rms_norm_ref
 
 BACKENDS = ("torch", "triton")
 
 # op name -> "module:function" of its Triton implementation (same signature as the reference).
-_TRITON_KERNELS: dict[str, str] = {}
+_TRITON_KERNELS: dict[str, str] = {
+    "rms_norm": ".triton.norms:rms_norm",
+    "gated_rms_norm": ".triton.norms:gated_rms_norm",
+    "l2_norm": ".triton.norms:l2_norm",
+    "causal_conv1d": ".triton.conv:causal_conv1d",
+    "causal_conv1d_update": ".triton.conv:causal_conv1d_update",
+    "chunk_gated_delta_rule": ".triton.gated_delta:chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule": ".triton.gated_delta:fused_recurrent_gated_delta_rule",
+    "recurrent_gated_delta_rule_update": ".triton.gated_delta:recurrent_gated_delta_rule_update",
+}
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -55,14 +66,19 @@ causal_conv1d = _dispatch("causal_conv1d", causal_conv1d_ref)
 causal_conv1d_update = _dispatch("causal_conv1d_update", causal_conv1d_update_ref)
 chunk_gated_delta_rule = _dispatch("chunk_gated_delta_rule", chunk_gated_delta_rule_ref)
 fused_recurrent_gated_delta_rule = _dispatch("fused_recurrent_gated_delta_rule", recurrent_gated_delta_rule_ref)
+recurrent_gated_delta_rule_update = _dispatch(
+    "recurrent_gated_delta_rule_update", recurrent_gated_delta_rule_update_ref
+)
 route = _dispatch("route", route_ref)
 moe_experts = _dispatch("moe_experts", moe_experts_ref)
 load_balancing_loss = load_balancing_loss_ref
 
 __all__ = [
     "backend_for", "rms_norm", "gated_rms_norm", "l2_norm", "causal_conv1d", "causal_conv1d_update",
-    "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "route", "moe_experts", "load_balancing_loss",
+    "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "recurrent_gated_delta_rule_update",
+    "route", "moe_experts", "load_balancing_loss",
     "rms_norm_ref", "gated_rms_norm_ref", "l2_norm_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
-    "chunk_gated_delta_rule_ref", "recurrent_gated_delta_rule_ref", "route_ref", "moe_experts_ref",
+    "chunk_gated_delta_rule_ref", "recurrent_gated_delta_rule_ref", "recurrent_gated_delta_rule_update_ref",
+    "route_ref", "moe_experts_ref",
     "load_balancing_loss_ref",
 ]
