@@ -17,7 +17,7 @@ from .conv import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_delta import (
     chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_update_ref,
 )
-from .moe import load_balancing_loss_ref, moe_experts_ref, route_ref
+from .moe import load_balancing_loss_ref, moe_experts_grouped, moe_experts_ref, route_ref
 from .norms import gated_rms_norm_ref, l2_norm_ref, rms_norm_ref
 
 BACKENDS = ("torch", "triton")
@@ -70,7 +70,7 @@ recurrent_gated_delta_rule_update = _dispatch(
     "recurrent_gated_delta_rule_update", recurrent_gated_delta_rule_update_ref
 )
 route = _dispatch("route", route_ref)
-moe_experts = _dispatch("moe_experts", moe_experts_ref)
+moe_experts = _dispatch("moe_experts", moe_experts_grouped)  # torch backend: sort-based, grouped products
 load_balancing_loss = load_balancing_loss_ref
 
 __all__ = [

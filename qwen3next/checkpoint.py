@@ -1,0 +1,231 @@
+"""Checkpoint I/O in the Hugging Face layout: `config.json` + `model.safetensors` (or shards with
+`model.safetensors.index.json`). Safetensors only, never pickle.
+
+On disk (as published and as transformers writes it) each expert is separate:
+`model.layers.N.mlp.experts.{e}.{gate_proj,up_proj,down_proj}.weight`; in memory they are stacked
+(`experts.gate_up_proj` [E, 2I, D] = [gate; up] per expert, `experts.down_proj` [E, D, I]). Loading
+accepts both. Multi-token-prediction weights (`mtp.*`) are skipped. Every other key maps one to one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Qwen3NextConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that does not match the model: missing, unexpected or mis-shaped tensors, or no files."""
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB', '500MB', '64KB' or a byte count -> bytes (decimal units, as transformers reads them)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read a size from {size!r}; use e.g. '5GB', '200MB' or a byte count")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: Qwen3NextConfig) -> torch.dtype:
+    """The dtype to load in: the argument, else the checkpoint's `dtype`, else fp32."""
+    name = dtype if dtype is not None else (config.dtype or "float32")
+    if isinstance(name, torch.dtype):
+        return name
+    result = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(result, torch.dtype) or not result.is_floating_point:
+        raise ValueError(f"not a floating-point dtype: {name!r}")
+    return result
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (from the index when sharded)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is not a checkpoint directory")
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if absent:
+            raise CheckpointError(f"{path}: the index names shard files that are not there: {absent}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
+        raise CheckpointError(f"{path}: only pickle weights found; qwen3next reads safetensors only")
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def load_model(path, dtype=None, device=None):
+    """Build the model from `path/config.json` and fill it from the safetensors files, shard by shard,
+    straight into `dtype` on `device` (the model is first made on the meta device, so no second copy
+    of the weights is ever held). Raises CheckpointError naming every missing, unexpected or
+    mis-shaped tensor."""
+    from .model import Qwen3NextForCausalLM
+
+    path = os.fspath(path)
+    config = Qwen3NextConfig.from_pretrained(path)
+    files = checkpoint_files(path)
+    dtype = resolve_dtype(dtype, config)
+    device = torch.device(device if device is not None else "cpu")
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    params = dict(model.named_parameters())
+    expert_size = config.moe_intermediate_size
+
+    filled: dict[str, set] = defaultdict(set)  # parameter -> the parts written (whole, or (expert, proj))
+    unexpected, misshaped, skipped_mtp = [], [], 0
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.startswith("mtp."):
+                    skipped_mtp += 1
+                    continue
+                m = _EXPERT_KEY.match(key)
+                if m:
+                    prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+                    name = f"{prefix}.down_proj" if proj == "down_proj" else f"{prefix}.gate_up_proj"
+                    if name not in params or e >= params[name].shape[0]:
+                        unexpected.append(key)
+                        continue
+                    target = params[name][e]
+                    if proj == "gate_proj":
+                        target = target[:expert_size]
+                    elif proj == "up_proj":
+                        target = target[expert_size:]
+                    part = (e, proj)
+                else:
+                    name, part = key, "all"
+                    if name not in params:
+                        unexpected.append(key)
+                        continue
+                    target = params[name]
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    misshaped.append(f"{key}: file {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                    continue
+                with torch.no_grad():
+                    target.copy_(tensor)
+                filled[name].add(part)
+    if skipped_mtp:
+        warnings.warn(f"skipped {skipped_mtp} multi-token-prediction tensors (mtp.*): not used by this model", stacklevel=2)
+
+    missing = []
+    for name, p in params.items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            projs = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
+            if "all" not in filled[name]:
+                missing += [
+                    f"{name.rsplit('.', 1)[0]}.{e}.{proj}.weight"
+                    for e in range(p.shape[0]) for proj in projs if (e, proj) not in filled[name]
+                ]
+        elif not filled[name] and not (name == "lm_head.weight" and config.tie_word_embeddings):
+            missing.append(name)
+    if missing or unexpected or misshaped:
+        raise CheckpointError(f"checkpoint {path} does not match its config:" + _listing(
+            ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)))
+    model.eval()
+    return model
+
+
+def _listing(*groups) -> str:
+    lines = []
+    for label, items in groups:
+        if items:
+            shown = ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
+            lines.append(f"\n  {len(items)} {label}: {shown}")
+    return "".join(lines)
+
+
+def hf_state_items(model):
+    """(on-disk key, tensor) pairs of the Hugging Face layout, one expert projection at a time."""
+    tied = model.config.tie_word_embeddings
+    I = model.config.moe_intermediate_size
+    for name, tensor in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len(".gate_up_proj")]
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", tensor[e, :I]
+                yield f"{prefix}.{e}.up_proj.weight", tensor[e, I:]
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+        else:
+            yield name, tensor
+
+
+def save_model(model, directory, max_shard_size: int | str = "5GB") -> None:
+    """Write `config.json` and the weights in the Hugging Face layout (per-expert keys; shards of at
+    most `max_shard_size` plus an index when they do not fit one file). Each file is written under a
+    temporary name and renamed into place; the index and config come last, and stale shards of an
+    earlier save are removed, so a reader never sees a half-written checkpoint as complete."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, tensor in hf_state_items(model):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tensor))
+        size += nbytes
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        tensors = {k: t.detach().to("cpu").contiguous() for k, t in shard}
+        _atomic(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        for k, t in tensors.items():
+            weight_map[k] = name
+            total += t.numel() * t.element_size()
+    index = os.path.join(directory, INDEX_FILE)
+    for stale in os.listdir(directory):
+        if stale.startswith("model") and stale.endswith(".safetensors") and stale not in names:
+            os.remove(os.path.join(directory, stale))
+    if n > 1:
+        body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+        _atomic(index, lambda tmp: _write_text(tmp, body))
+    elif os.path.exists(index):
+        os.remove(index)
+    config = model.config
+    if config.dtype is None or resolve_dtype(None, config) != next(model.parameters()).dtype:
+        config = Qwen3NextConfig.from_dict({**config.to_dict(), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
+    config.save_pretrained(directory)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic(target: str, write) -> None:
+    tmp = target + ".tmp"
+    write(tmp)
+    os.replace(tmp, target)

@@ -1,0 +1,531 @@
+"""The Qwen3-Next model: Gated DeltaNet and gated-attention mixers, sparse-MoE FFNs, zero-centred RMSNorm.
+
+Module and parameter names mirror Hugging Face `transformers` (`model.layers.N.linear_attn.in_proj_qkvz`,
+`model.layers.N.mlp.experts.gate_up_proj`, ...), so a state dict maps one to one onto transformers'
+in-memory model; `checkpoint.py` converts to and from the per-expert on-disk layout.
+
+Conventions: activations are [B, T, D]; `attention_mask` [B, past + T] has 1 for tokens and 0 for
+padding (left padding for batched generation); positions default to the count of real tokens before
+each one, so a left-padded row computes exactly what it computes alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import FULL, LINEAR, Qwen3NextConfig
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, T', V] (T' = T or `logits_to_keep`); loss: cross-entropy (+ coef * aux) when labels are
+    given; aux_loss: the load-balancing loss over all MoE layers (None without MoE layers)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    """Zero-centred RMSNorm: `x / rms(x) * (1 + weight)`, weight [D] initialised to 0, fp32 inside."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """Plain RMSNorm (weight initialised to 1) times silu(gate), over the last dim (one value head)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return ops.gated_rms_norm(x, gate, self.weight, self.eps)
+
+
+# --------------------------------------------------------------------------------------------- rope
+class RotaryEmbedding(nn.Module):
+    """cos/sin [B, T, rotary_dim] for the first `rotary_dim` dims of each head (rotate-half style).
+    Holds no tensors (the frequencies are recomputed per call), so a model built on the meta device
+    needs nothing re-initialised."""
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.dim = config.rotary_dim
+        self.theta = config.rope_theta
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / self.dim
+        inv_freq = 1.0 / (self.theta**exponents)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, hd]; cos/sin [B, T, r]: rotate the first r dims of each head, pass the rest."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+# --------------------------------------------------------------------------------------------- mixers
+class GatedDeltaNet(nn.Module):
+    """Linear-attention mixer: projections, causal conv + SiLU, L2-normed q/k, the gated delta rule,
+    gated RMSNorm, output projection (SPEC section 3)."""
+
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = config.linear_key_dim
+        self.value_dim = config.linear_value_dim
+        self.conv_dim = config.linear_conv_dim
+        self.chunk_size = config.linear_attention_chunk_size
+        self.use_recurrent = config.linear_attention_use_recurrent
+        self.clip_val = config.linear_attention_clip_val
+        D = config.hidden_size
+        self.in_proj_qkvz = nn.Linear(D, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(D, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, kernel_size=config.linear_conv_kernel_dim, groups=self.conv_dim,
+            padding=config.linear_conv_kernel_dim - 1, bias=False,
+        )
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads).uniform_(0.01, 16).log())
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, D, bias=False)
+
+    def split_projections(self, qkvz: torch.Tensor, ba: torch.Tensor):
+        """Undo the per-key-head grouping of the fused projections.
+
+        qkvz [B, T, Hk * (2 dk + 2 r dv)], ba [B, T, Hk * 2r] (r = Hv / Hk) ->
+        q, k [B, T, Hk, dk]; v, z [B, T, Hv, dv]; b, a [B, T, Hv].
+        """
+        B, T, _ = qkvz.shape
+        r = self.num_v_heads // self.num_k_heads
+        dk, dv = self.head_k_dim, self.head_v_dim
+        q, k, v, z = qkvz.view(B, T, self.num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
+        b, a = ba.view(B, T, self.num_k_heads, 2 * r).split([r, r], dim=-1)
+        v, z = v.reshape(B, T, self.num_v_heads, dv), z.reshape(B, T, self.num_v_heads, dv)
+        return q, k, v, z, b.reshape(B, T, self.num_v_heads), a.reshape(B, T, self.num_v_heads)
+
+    def forward(self, x, token_mask=None, cache=None, cu_seqlens=None):
+        """x [B, T, D]; token_mask [B, T] (0 = padding: the step leaves the state untouched) or None;
+        cache: this layer's `LinearLayerCache` (read and updated) or None; cu_seqlens: packed rows."""
+        B, T, _ = x.shape
+        if token_mask is not None:
+            x = x * token_mask[..., None].to(x.dtype)
+        q, k, v, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
+        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+        weight = self.conv1d.weight.squeeze(1)  # [C, K]
+        conv_state = cache.conv_state if cache is not None and cache.filled else None
+        recurrent_state = cache.recurrent_state if cache is not None and cache.filled else None
+        if cache is not None and T == 1 and conv_state is not None:
+            mixed = ops.causal_conv1d_update(mixed[:, 0], conv_state, weight).unsqueeze(1)
+        else:
+            mixed, new_conv_state = ops.causal_conv1d(
+                mixed, weight, initial_state=conv_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens
+            )
+            if cache is not None:
+                cache.conv_state.copy_(new_conv_state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
+
+        if self.clip_val is not None:
+            b = b.clamp(-self.clip_val, self.clip_val)
+        gate_dtype = torch.promote_types(b.dtype, torch.float32)  # fp32 gates (fp64 in an fp64 model)
+        beta = torch.sigmoid(b.to(gate_dtype))
+        g = -self.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        if token_mask is not None:
+            beta, g = beta * token_mask[..., None], g * token_mask[..., None]
+
+        rule = ops.fused_recurrent_gated_delta_rule if (T == 1 or self.use_recurrent) else ops.chunk_gated_delta_rule
+        o, final_state = rule(
+            q, k, v, g, beta, initial_state=recurrent_state, output_final_state=cache is not None,
+            use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens,
+        )
+        if cache is not None:
+            cache.recurrent_state.copy_(final_state)
+            cache.filled = True
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(B, T, self.value_dim))
+
+
+class GatedAttention(nn.Module):
+    """Softmax attention with q/k zero-centred RMSNorm, partial RoPE, GQA and a sigmoid output gate."""
+
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        D, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(D, self.num_heads * hd * 2, bias=bias)  # per head: query (hd) then gate (hd)
+        self.k_proj = nn.Linear(D, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(D, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, D, bias=bias)
+        self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        """x [B, T, D]; cos/sin [B, T, r]; attn_mask: bool [B, 1, T, S] (True = attend) or None for plain
+        causal; cache: this layer's `AttentionLayerCache` or None. S = cached length + T."""
+        B, T, _ = x.shape
+        hd = self.head_dim
+        query, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * hd).chunk(2, dim=-1)
+        query = apply_rotary(self.q_norm(query), cos, sin).transpose(1, 2)
+        key = apply_rotary(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, hd)), cos, sin).transpose(1, 2)
+        value = self.v_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)
+        if cache is not None:
+            key, value = cache.append(key, value)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, scale=hd**-0.5, enable_gqa=True,
+        )
+        out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(out)
+
+
+# --------------------------------------------------------------------------------------------- FFNs
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Router weight [E, D] (state-dict name `mlp.gate.weight`)."""
+
+    def __init__(self, num_experts: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+
+class Experts(nn.Module):
+    """All experts' SwiGLU weights stacked: gate_up_proj [E, 2I, D] (gate rows, then up rows), down_proj [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts plus a sigmoid-gated shared expert (SPEC section 5)."""
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = Router(config.num_experts, config.hidden_size)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> (y [B, T, D], router logits [B*T, E])."""
+        flat = x.reshape(-1, x.shape[-1])
+        router_logits = F.linear(flat, self.gate.weight)
+        weights, ids = ops.route(router_logits, self.top_k, self.norm_topk_prob)
+        routed = ops.moe_experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        shared = self.shared_expert(flat) * torch.sigmoid(self.shared_expert_gate(flat))
+        return (routed + shared).view_as(x), router_logits
+
+
+# --------------------------------------------------------------------------------------------- stack
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3NextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == LINEAR:
+            self.linear_attn = GatedDeltaNet(config, layer_idx)
+        else:
+            self.self_attn = GatedAttention(config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = SparseMoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, ctx: "_ForwardContext", cache=None):
+        h = self.input_layernorm(x)
+        if self.layer_type == LINEAR:
+            h = self.linear_attn(h, ctx.token_mask, cache, ctx.cu_seqlens)
+        else:
+            h = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        router_logits = None
+        if self.is_moe:
+            h, router_logits = h
+        return x + h, router_logits
+
+
+@dataclass
+class _ForwardContext:
+    """What every layer of one forward call shares: rope tables, masks, packing offsets."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attn_mask: torch.Tensor | None  # bool [B, 1, T, S] or None (plain causal)
+    token_mask: torch.Tensor | None  # [B, T] float, None when there is no padding
+    cu_seqlens: torch.Tensor | None
+
+
+class Qwen3NextModel(nn.Module):
+    """Embedding, decoder layers, final norm. Returns hidden states [B, T, D] and the router logits."""
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, cu_seqlens=None):
+        B, T = input_ids.shape
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.config.vocab_size}); got range "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        past = cache.seq_length if cache is not None else 0
+        position_ids, attn_mask, token_mask, cu_seqlens = self._positions_and_masks(
+            B, T, past, attention_mask, position_ids, cu_seqlens, input_ids.device
+        )
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        ctx = _ForwardContext(cos, sin, attn_mask, token_mask, cu_seqlens)
+        router_logits = []
+        for i, layer in enumerate(self.layers):
+            x, logits = layer(x, ctx, cache.layers[i] if cache is not None else None)
+            if logits is not None:
+                router_logits.append(logits)
+        if cache is not None:
+            cache.advance(T, attention_mask)
+        return self.norm(x), router_logits
+
+    def _positions_and_masks(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
+        """Positions [B, T], the attention mask (bool [B, 1, T, S] or None), the token mask for the linear
+        layers ([B, T] or None) and the packing offsets, for this call. Positions count the real tokens before each token (so left
+        padding does not shift them) and restart at every packed sequence."""
+        S = past + T
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(
+                    f"attention_mask must be [batch, cached + new tokens] = {(B, S)}; got {tuple(attention_mask.shape)}"
+                )
+            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if cu_seqlens is not None:
+            if B != 1 or past:
+                raise ValueError("cu_seqlens packs sequences into one row without a cache: batch size must be 1")
+            if attention_mask is not None:
+                raise ValueError("pass either cu_seqlens or an attention_mask with padding, not both")
+            cu_seqlens = cu_seqlens.to(device)
+        if position_ids is None:
+            if cu_seqlens is not None:
+                doc = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=device), right=True)
+                position_ids = (torch.arange(T, device=device) - cu_seqlens[doc])[None]
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, S, device=device)[None].expand(B, T)
+        elif position_ids.shape[-1] != T:
+            raise ValueError(f"position_ids must have {T} positions, got shape {tuple(position_ids.shape)}")
+
+        attn_mask = None
+        if attention_mask is not None or cu_seqlens is not None or (past and T > 1):
+            q_pos = torch.arange(past, S, device=device)
+            allowed = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # causal [T, S]
+            allowed = allowed[None].expand(B, T, S)
+            if cu_seqlens is not None:
+                doc = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=device), right=True)
+                allowed = allowed & (doc[:, None] == doc[None, :])[None]
+            if attention_mask is not None:
+                # a padding query would see no key at all: let it see itself (its output is never used)
+                allowed = allowed & (attention_mask[:, None, :] | (q_pos[:, None] == torch.arange(S, device=device))[None])
+            attn_mask = allowed[:, None]
+        token_mask = attention_mask[:, past:].float() if attention_mask is not None else None
+        return position_ids, attn_mask, token_mask, cu_seqlens
+
+
+class Qwen3NextForCausalLM(nn.Module):
+    """Qwen3NextModel plus the LM head, the loss and the load-balancing loss.
+
+    `model(input_ids, attention_mask=None, position_ids=None, labels=None)`: labels [B, T] aligned with
+    input_ids (shifted inside; -100 ignored). Loss = mean cross-entropy + router_aux_loss_coef * aux.
+    """
+
+    def __init__(self, config: Qwen3NextConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3NextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise as transformers does, so a fresh model trains like the reference."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.zero_()
+            elif isinstance(module, GatedRMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, GatedDeltaNet):
+                module.dt_bias.fill_(1.0)
+                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
+            elif isinstance(module, (Router, Experts)):
+                for p in module.parameters():
+                    p.normal_(0.0, std)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, labels=None, cache=None, cu_seqlens=None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """input_ids [B, T]; attention_mask [B, cached + T]; position_ids [B, T]; labels [B, T];
+        cache: a `HybridCache` to continue from and update; cu_seqlens [N+1]: N documents packed in a
+        row of B = 1 (no state or attention crosses a boundary, and no token is trained to predict the
+        next document's first token); logits_to_keep: if > 0, logits of the last that many positions only."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+        hidden, router_logits = self.model(input_ids, attention_mask, position_ids, cache, cu_seqlens)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+
+        aux_loss = None
+        if router_logits:
+            token_mask = None
+            if attention_mask is not None:
+                token_mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1] :].reshape(-1)
+            aux_loss = ops.load_balancing_loss(router_logits, self.config.num_experts_per_tok, token_mask)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must match input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+            loss = causal_lm_loss(logits, labels, cu_seqlens)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=tuple(router_logits))
+
+    # checkpoint I/O lives in checkpoint.py; these are the conventional entry points
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Qwen3NextForCausalLM":
+        """Load a Hugging Face-layout checkpoint directory (see `qwen3next.checkpoint.load_model`)."""
+        from .checkpoint import load_model
+
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, directory, max_shard_size="5GB") -> None:
+        """Write the Hugging Face layout (see `qwen3next.checkpoint.save_model`)."""
+        from .checkpoint import save_model
+
+        save_model(self, directory, max_shard_size=max_shard_size)
+
+    def generate(self, input_ids, **kwargs):
+        """Autoregressive generation; see `qwen3next.generate.generate` for the arguments."""
+        from .generate import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored; with packed
+    documents, a document's last token predicts nothing."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].to(labels.device) - 1
+        targets = targets.clone()
+        targets[0, ends[ends >= 0]] = -100
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def count_parameters(config: Qwen3NextConfig) -> dict[str, int]:
+    """Total and active-per-token parameter counts, computed from the config (no model is built)."""
+    D, V = config.hidden_size, config.vocab_size
+    total = V * D * (1 if config.tie_word_embeddings else 2) + D  # embeddings, lm_head, final norm
+    active = total
+    for i, kind in enumerate(config.layer_types):
+        layer = 2 * D
+        if kind == LINEAR:
+            layer += D * (2 * config.linear_key_dim + 2 * config.linear_value_dim) + D * 2 * config.linear_num_value_heads
+            layer += config.linear_conv_dim * config.linear_conv_kernel_dim + 2 * config.linear_num_value_heads
+            layer += config.linear_value_head_dim + config.linear_value_dim * D
+        else:
+            hd = config.head_dim
+            layer += D * config.num_attention_heads * hd * 3 + 2 * D * config.num_key_value_heads * hd + 2 * hd
+        if config.is_moe_layer(i):
+            per_expert = 3 * D * config.moe_intermediate_size
+            common = config.num_experts * D + 3 * D * config.shared_expert_intermediate_size + D
+            total += layer + common + config.num_experts * per_expert
+            active += layer + common + config.num_experts_per_tok * per_expert
+        else:
+            dense = 3 * D * config.intermediate_size
+            total += layer + dense
+            active += layer + dense
+    return {"total": total, "active": active}
+
+
+def cache_bytes_per_sequence(config: Qwen3NextConfig, dtype_bytes: int = 2) -> dict[str, int]:
+    """Decode-cache bytes for one sequence: linear layers hold a constant conv state (activation dtype)
+    and an fp32 recurrent state; attention layers hold K and V growing by `per_token` bytes a token."""
+    n_linear = sum(t == LINEAR for t in config.layer_types)
+    n_full = sum(t == FULL for t in config.layer_types)
+    conv = config.linear_conv_dim * (config.linear_conv_kernel_dim - 1) * dtype_bytes
+    rec = config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim * 4
+    per_token = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    return {"linear_constant": n_linear * (conv + rec), "attention_per_token": n_full * per_token,
+            "per_linear_layer": conv + rec, "per_attention_layer_per_token": per_token}
