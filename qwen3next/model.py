@@ -335,7 +335,7 @@ class Qwen3NextModel(nn.Module):
             if logits is not None:
                 router_logits.append(logits)
         if cache is not None:
-            cache.advance(T, attention_mask)
+            cache.advance(T)
         return self.norm(x), router_logits
 
     def _positions_and_masks(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):

@@ -1,0 +1,123 @@
+"""Autoregressive generation over a HybridCache: prefill with the chunked form, then one-token steps
+with the recurrent form; greedy or sampled (temperature, top-k, top-p, min-p, repetition penalty)."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .cache import HybridCache
+
+
+def process_logits(
+    logits: torch.Tensor, previous: torch.Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
+    top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+) -> torch.Tensor:
+    """Apply, in transformers' order, the repetition penalty (over `previous` ids [B, T]), temperature,
+    top-k, top-p (keep the smallest set of most likely tokens whose probability reaches top_p) and min-p
+    (drop tokens below min_p times the top probability). logits [B, V] (fp32); removed tokens get -inf."""
+    logits = logits.float()
+    if repetition_penalty is not None and repetition_penalty != 1.0 and previous is not None:
+        seen = torch.gather(logits, 1, previous)
+        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
+        logits = logits.scatter(1, previous, seen)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass of the more likely tokens
+        drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if min_p is not None and min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def _validate(model, input_ids, attention_mask, max_new_tokens):
+    config = model.config
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, prompt] tensor; got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}; got {tuple(attention_mask.shape)}")
+        if not bool(attention_mask.bool().any(-1).all()):
+            raise ValueError("every prompt needs at least one non-padding token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"max_position_embeddings ({config.max_position_embeddings})"
+        )
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}); got range [{lo}, {hi}]")
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Continue each prompt of `input_ids` [B, T] (left-padded where `attention_mask` has zeros) by up to
+    `max_new_tokens` tokens. Returns [B, T + n] (prompt then new tokens, n <= max_new_tokens: generation
+    stops once every row has produced one of `eos_token_id`; later positions of finished rows hold
+    `pad_token_id`). Greedy unless `do_sample` (temperature 0 is greedy too). `streamer(tokens [B])` is
+    called with each step's tokens. Defaults for eos/pad come from the model's config."""
+    _validate(model, input_ids, attention_mask, max_new_tokens)
+    config = model.config
+    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    greedy = not do_sample or temperature == 0
+    B, T = input_ids.shape
+    dtype = next(model.parameters()).dtype
+    cache = HybridCache(config, B, T + max_new_tokens, dtype=dtype, device=input_ids.device)
+    mask = attention_mask.to(input_ids.device).long() if attention_mask is not None else None
+
+    tokens = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    step_input = input_ids
+    for _ in range(max_new_tokens):
+        logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        scores = process_logits(
+            logits, tokens, temperature=1.0 if greedy else temperature, top_k=None if greedy else top_k,
+            top_p=None if greedy else top_p, min_p=None if greedy else min_p, repetition_penalty=repetition_penalty,
+        )
+        if greedy:
+            next_tokens = scores.argmax(-1)
+        else:
+            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        if streamer is not None:
+            streamer(next_tokens)
+        if len(eos):
+            finished |= torch.isin(next_tokens, eos)
+            if bool(finished.all()):
+                break
+        step_input = next_tokens[:, None]
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return tokens
