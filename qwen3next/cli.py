@@ -1,10 +1,11 @@
-"""The `qwen3next` command line: inspect (and, as they land, generate, train, demo)."""
+"""The `qwen3next` command line: inspect, generate (and, as they land, train, demo)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
 from .config import FULL, PRESETS, Qwen3NextConfig
 from .model import cache_bytes_per_sequence, count_parameters
@@ -76,12 +77,110 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _peak_memory(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return _bytes(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return _bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) + " (process RSS)"
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .checkpoint import CheckpointError, load_model
+    from .tokenizer import TextStreamer, Tokenizer
+
+    if not os.path.isdir(args.model) or not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise SystemExit(f"error: {args.model!r} is not a checkpoint directory (no config.json)")
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    tokenizer = Tokenizer.from_pretrained(args.model) if Tokenizer.exists(args.model) else None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise SystemExit(f"error: --prompt-ids must be integers, got {args.prompt_ids!r}") from None
+    elif args.prompt is not None:
+        if tokenizer is None:
+            raise SystemExit(f"error: {args.model} has no tokenizer.json: pass --prompt-ids instead of --prompt")
+        text = args.prompt
+        if args.chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        ids = tokenizer.encode(text)
+    else:
+        raise SystemExit("error: give --prompt TEXT or --prompt-ids IDS")
+    if not ids:
+        raise SystemExit("error: the prompt is empty")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model = load_model(args.model, dtype=args.dtype, device=device)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    eos = model.config.eos_token_id
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = sorted({*([] if eos is None else [eos] if isinstance(eos, int) else eos), tokenizer.eos_token_id})
+    input_ids = torch.tensor([ids], device=device)
+
+    printer = TextStreamer(tokenizer, sys.stdout) if tokenizer is not None else None
+    marks = []
+
+    def stream(tokens):
+        marks.append(time.perf_counter())
+        if printer is not None:
+            printer(tokens)
+        else:
+            print(int(tokens[0]), end=" ", flush=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        out = model.generate(
+            input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            eos_token_id=eos, streamer=stream,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    new = out.shape[1] - len(ids)
+    prefill = marks[0] - start
+    decode = marks[-1] - marks[0]
+    print()
+    print(
+        f"[prefill {len(ids)} tokens: {len(ids) / prefill:,.1f} tok/s | decode {new - 1} tokens: "
+        f"{(new - 1) / decode if decode > 0 else float('nan'):,.1f} tok/s | peak memory {_peak_memory(device)}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3next", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="config, parameter counts, layer pattern and cache size of a preset or checkpoint")
     p.add_argument("model", help="preset name (80b-a3b, tiny) or checkpoint directory")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="stream a completion from a checkpoint directory")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    p.add_argument("--prompt-ids", help="prompt as token ids, e.g. '1 2 3' (no tokenizer needed; ids are printed)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
