@@ -32,6 +32,8 @@ _TRITON_KERNELS: dict[str, str] = {
     "chunk_gated_delta_rule": ".triton.gated_delta:chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule": ".triton.gated_delta:fused_recurrent_gated_delta_rule",
     "recurrent_gated_delta_rule_update": ".triton.gated_delta:recurrent_gated_delta_rule_update",
+    "route": ".triton.moe:route",
+    "moe_experts": ".triton.moe:moe_experts",
 }
 
 

@@ -135,7 +135,7 @@ def sort_by_expert(ids: torch.Tensor, num_experts: int):
     ids [N, k] -> (order [N*k] int64: flat pair index n*k + s of each sorted row,
                    ends [E] int32: cumulative row count of experts 0..e). No host synchronisation.
     """
-    flat = ids.reshape(-1)
+    flat = ids.reshape(-1).to(torch.int32)  # 32-bit keys sort faster
     sorted_ids, order = torch.sort(flat, stable=True)
     bounds = torch.arange(num_experts, device=ids.device, dtype=sorted_ids.dtype)
     return order, torch.searchsorted(sorted_ids, bounds, right=True, out_int32=True)

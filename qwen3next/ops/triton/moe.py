@@ -1,0 +1,450 @@
+"""Triton mixture-of-experts: routing, grouped expert GEMMs, a decode path, and the backward of all of it.
+
+Same contracts as `qwen3next.ops.moe` (`route_ref`, `moe_experts_ref`). With N tokens, k slots, E experts,
+experts gate_up [E, 2I, D] (gate rows, then up rows) and down [E, D, I], and M = N*k (token, slot) rows:
+
+  route    logits [N, E] -> weights [N, k], ids [N, k]: one kernel (softmax in fp32, k rounds of argmax,
+           renormalisation).
+  sort     ids -> order [M] (the flat pair index n*k + s of each row once sorted by expert) and ends [E]
+           (cumulative rows per expert): a stable `torch.sort` and a `searchsorted`, no host sync.
+  gate/up  act[r] = silu(x[t] . Wg[e]) * (x[t] . Wu[e]) for sorted row r = (token t, expert e): a grouped
+           GEMM whose A rows are gathered from x, SiLU-times-up fused into its epilogue.
+  down     Y[order[r]] = w[order[r]] * (act[r] . Wd[e]): a grouped GEMM with the routing weight applied
+           and each row stored back at its (token, slot) position; out[t] = sum over s of Y[t, s], in slot
+           order: deterministic, no atomics.
+
+The grouped GEMM kernel maps its programs onto (expert, row tile) pairs itself: each program reads the
+per-expert row ends and finds its expert by a prefix sum over tile counts, so the launch grid is an upper
+bound known on the host and nothing waits for the device. Experts with no rows get no programs and are
+never read. For a few tokens without gradients, `moe_experts` instead runs two GEMV kernels that read the
+selected experts' rows directly (no sort, no padding to tiles); each token's k results are summed inside
+the second kernel.
+
+Backward (`_MoEExperts.backward`): dact' = dout[t] . Wd[e] (grouped GEMM, gathered rows); one row kernel
+gives the routing-weight gradient (dact' . act), and dh = d(silu(g) * u) * w; dx rows = dh . Wg/u[e]
+(grouped GEMM, scattered and summed over slots like the forward); the weight gradients are grouped
+outer products over each expert's rows (one program per expert and weight tile, a fixed row order:
+deterministic). Accumulation is fp32 everywhere; stored tensors take the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..moe import check_moe_inputs, check_route_inputs, sort_by_expert
+
+DECODE_MAX_TOKENS = 4  # at most this many tokens (and no gradient): the GEMV decode path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# routing
+
+
+@triton.jit
+def _route_fwd_kernel(logits, weights, ids, E, stride_l, K: tl.constexpr, NORM: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    valid = cols < E
+    z = tl.load(logits + n * stride_l + cols, mask=valid, other=-float("inf")).to(tl.float32)
+    p = tl.exp(z - tl.max(z, 0))
+    p = p / tl.sum(p, 0)
+    cand = tl.where(valid, p, -1.0)  # probabilities are >= 0: -1 marks "taken" and padding
+    slot = tl.full([BLOCK_E], -1, tl.int32)
+    for j in range(K):
+        best = tl.max(cand, 0)
+        pick = tl.min(tl.where(cand == best, cols, BLOCK_E), 0)  # ties: the lowest expert index
+        slot = tl.where(cols == pick, j, slot)
+        cand = tl.where(cols == pick, -1.0, cand)
+    chosen = slot >= 0
+    if NORM:
+        p = p / tl.sum(tl.where(chosen, p, 0.0), 0)
+    tl.store(weights + n * K + slot, p.to(weights.dtype.element_ty), mask=chosen)
+    tl.store(ids + n * K + slot, cols.to(tl.int64), mask=chosen)
+
+
+@triton.jit
+def _route_bwd_kernel(logits, ids, dweights, dlogits, E, stride_l, stride_dl, K: tl.constexpr,
+                      NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    valid = cols < E
+    z = tl.load(logits + n * stride_l + cols, mask=valid, other=-float("inf")).to(tl.float32)
+    p = tl.exp(z - tl.max(z, 0))
+    p = p / tl.sum(p, 0)
+    slots = tl.arange(0, BLOCK_K)
+    sel = tl.load(ids + n * K + slots, mask=slots < K, other=-1)
+    g = tl.load(dweights + n * K + slots, mask=slots < K, other=0.0).to(tl.float32)
+    hit = sel[:, None] == cols[None, :]
+    g_p = tl.sum(tl.where(hit, g[:, None], 0.0), 0)  # d loss / d (selected probability), per expert
+    if NORM:  # w_j = p_j / S  =>  d/dp_i = (g_i - sum_j g_j w_j) / S on the selected experts
+        chosen = tl.sum(hit.to(tl.int32), 0) > 0
+        s = tl.sum(tl.where(chosen, p, 0.0), 0)
+        g_p = tl.where(chosen, (g_p - tl.sum(g_p * p, 0) / s) / s, 0.0)
+    dz = p * (g_p - tl.sum(g_p * p, 0))
+    tl.store(dlogits + n * stride_dl + cols, dz.to(dlogits.dtype.element_ty), mask=valid)
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, norm_topk_prob):
+        N, E = logits.shape
+        weights = torch.empty(N, top_k, device=logits.device, dtype=logits.dtype)
+        ids = torch.empty(N, top_k, device=logits.device, dtype=torch.int64)
+        if N > 0:
+            _route_fwd_kernel[(N,)](logits, weights, ids, E, logits.stride(0), K=top_k, NORM=norm_topk_prob,
+                                    BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+        ctx.save_for_backward(logits, ids)
+        ctx.norm = norm_topk_prob
+        ctx.mark_non_differentiable(ids)
+        return weights, ids
+
+    @staticmethod
+    def backward(ctx, dweights, _dids):
+        logits, ids = ctx.saved_tensors
+        N, E = logits.shape
+        K = ids.shape[1]
+        dlogits = torch.empty_like(logits)
+        if N > 0:
+            _route_bwd_kernel[(N,)](logits, ids, dweights.contiguous(), dlogits, E, logits.stride(0),
+                                    dlogits.stride(0), K=K, NORM=ctx.norm, BLOCK_E=triton.next_power_of_2(E),
+                                    BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+        return dlogits, None, None
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """`route_ref` in one kernel: router_logits [N, E] (last dim contiguous) -> (weights [N, k] in the logits'
+    dtype, ids [N, k] int64). Ties go to the lower expert index. Differentiable in the logits."""
+    check_route_inputs(router_logits, top_k)
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    return _Route.apply(router_logits, top_k, bool(norm_topk_prob))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grouped GEMMs over expert-sorted rows
+
+
+@triton.jit
+def _tile_segment(ends, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Row tile `pid_m` of the expert-sorted rows -> (expert, first row, end of the expert's rows).
+    Experts' tiles are numbered expert by expert; expert == E means the tile is past the last one."""
+    e_idx = tl.arange(0, BLOCK_E)
+    valid = e_idx < E
+    seg_end = tl.load(ends + e_idx, mask=valid, other=0)
+    seg_start = tl.load(ends + e_idx - 1, mask=valid & (e_idx > 0), other=0)
+    tiles = tl.where(valid, (seg_end - seg_start + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end = tl.cumsum(tiles, 0)
+    e = tl.sum((tile_end <= pid_m).to(tl.int32), 0)
+    mine = e_idx == e
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+    row0 = tl.sum(tl.where(mine, seg_start, 0), 0) + (pid_m - first_tile) * BLOCK_M
+    return e, row0, tl.sum(tl.where(mine, seg_end, 0), 0)
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a, b, c, h, order, scale, ends, E, N_OUT, K,
+    stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
+    TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
+    k*stride_bk + n*stride_bn. row' = order[r] // TOP_K (GATHER_A: the token) else r; C's row = order[r]
+    (SCATTER_C: the (token, slot) position) else r. SCALE multiplies row r by scale[order[r]]. SWIGLU: a
+    second product with B shifted by up_offset gives `up`; C = silu(first) * up, and STORE_H keeps both
+    pre-activations in h [M, 2*N_OUT]."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _tile_segment(ends, E, pid_m, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    rmask = rows < row_end
+    if GATHER_A or SCATTER_C or SCALE:
+        pair = tl.load(order + rows, mask=rmask, other=0)
+    else:
+        pair = rows.to(tl.int64)
+    if GATHER_A:
+        a_rows = pair // TOP_K
+    else:
+        a_rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < N_OUT
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a + a_rows[:, None] * stride_am + ks[None, :]
+    b_ptrs = b + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = ks < K - k0
+        a_tile = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = tl.dot(a_tile, b_tile, acc)
+        if SWIGLU:
+            up_tile = tl.load(b_ptrs + up_offset, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc_up = tl.dot(a_tile, up_tile, acc_up)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    mask = rmask[:, None] & nmask[None, :]
+    if SWIGLU:
+        if STORE_H:
+            h_ptrs = h + rows[:, None].to(tl.int64) * stride_hm + cols[None, :]
+            tl.store(h_ptrs, acc.to(h.dtype.element_ty), mask=mask)
+            tl.store(h_ptrs + N_OUT, acc_up.to(h.dtype.element_ty), mask=mask)
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if SCALE:
+        acc = acc * tl.load(scale + pair, mask=rmask, other=0.0).to(tl.float32)[:, None]
+    if SCATTER_C:
+        c_rows = pair
+    else:
+        c_rows = rows.to(tl.int64)
+    tl.store(c + c_rows[:, None] * stride_cm + cols[None, :], acc.to(c.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    g, a, order, scale, ends, dw, N_OUT, K,
+    stride_gm, stride_am, stride_we, stride_wn, stride_wk,
+    TOP_K: tl.constexpr, GATHER_G: tl.constexpr, GATHER_A: tl.constexpr, SCALE_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """dW[e][n, k] = sum over expert e's sorted rows r of G[r, n] * A[r, k] (fixed row order). G's row is
+    order[r] // TOP_K with GATHER_G (a token's row) and is scaled by scale[order[r]] with SCALE_G; likewise
+    A's row with GATHER_A. One program per (expert, weight tile); experts without rows get zeros."""
+    e = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    start = tl.where(e > 0, tl.load(ends + tl.maximum(e - 1, 0)), 0)
+    end = tl.load(ends + e)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    nmask = ns < N_OUT
+    kmask = ks < K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rmask = rows < end
+        if GATHER_G or GATHER_A or SCALE_G:
+            pair = tl.load(order + rows, mask=rmask, other=0)
+        else:
+            pair = rows.to(tl.int64)
+        if GATHER_G:
+            g_rows = pair // TOP_K
+        else:
+            g_rows = rows.to(tl.int64)
+        if GATHER_A:
+            a_rows = pair // TOP_K
+        else:
+            a_rows = rows.to(tl.int64)
+        g_tile = tl.load(g + g_rows[:, None] * stride_gm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
+                         other=0.0)
+        if SCALE_G:
+            w = tl.load(scale + pair, mask=rmask, other=0.0).to(tl.float32)
+            g_tile = (g_tile.to(tl.float32) * w[:, None]).to(g.dtype.element_ty)
+        a_tile = tl.load(a + a_rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0)
+        acc = tl.dot(tl.trans(g_tile), a_tile, acc)
+    out = dw + e.to(tl.int64) * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
+    tl.store(out, acc.to(dw.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _swiglu_bwd_kernel(dact, h, order, scale, dh, dscale, I, BLOCK_I: tl.constexpr):
+    """Row r: a = silu(g) * u from h = [g | u]; dscale[order[r]] = dact . a (the routing-weight gradient,
+    dact not yet weighted); dh = [da * u * silu'(g) | da * silu(g)] with da = w * dact."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_I)
+    m = cols < I
+    pair = tl.load(order + r)
+    w = tl.load(scale + pair).to(tl.float32)
+    da = tl.load(dact + r * I + cols, mask=m, other=0.0).to(tl.float32)
+    gate = tl.load(h + r * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
+    up = tl.load(h + r * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    tl.store(dscale + pair, tl.sum(da * silu * up, 0))
+    da = da * w
+    tl.store(dh + r * 2 * I + cols, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(dh.dtype.element_ty), mask=m)
+    tl.store(dh + r * 2 * I + I + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
+
+
+def _gemm_config(rows: int, experts: int, swiglu: bool) -> dict:
+    """Tile shapes by the mean rows per expert: small tiles for few rows (memory-bound, weight reads
+    dominate), 64-row tiles for many (the tensor cores' native height on Hopper)."""
+    mean = rows / max(experts, 1)
+    if mean <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    if mean <= 48:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64 if swiglu else 128, BLOCK_K=64, num_warps=4, num_stages=4)
+
+
+def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gather_a=False, scatter=False,
+                  scale=None, swiglu_up_offset=None, h=None, config=None):
+    """Launch `_grouped_gemm_kernel`; w_strides = (per-expert, per-output-column, per-reduction-step)."""
+    M, E = order.shape[0], ends.shape[0]
+    cfg = config or _gemm_config(M, E, swiglu_up_offset is not None)
+    if M == 0:
+        return out
+    num_tiles = triton.cdiv(M, cfg["BLOCK_M"]) + min(E, M)
+    grid = (num_tiles * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    _grouped_gemm_kernel[grid](
+        a, w, out, h if h is not None else out, order, scale if scale is not None else out, ends, E, n_out, k_dim,
+        a.stride(0), *w_strides, out.stride(0), h.stride(0) if h is not None else 0,
+        swiglu_up_offset or 0,
+        TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
+        SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, BLOCK_E=triton.next_power_of_2(E), **cfg)
+    return out
+
+
+def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=False, scale=None, config=None):
+    """Launch `_grouped_wgrad_kernel`: dw [E, N_OUT, K] from g [*, N_OUT] and a [*, K]."""
+    E, n_out, k_dim = dw.shape
+    cfg = config or dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=8, num_stages=3)
+    grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_dim, cfg["BLOCK_K"]), E)
+    _grouped_wgrad_kernel[grid](
+        g, a, order, scale if scale is not None else g, ends, dw, n_out, k_dim,
+        g.stride(0), a.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+        TOP_K=top_k, GATHER_G=gather_g, GATHER_A=gather_a, SCALE_G=scale is not None, **cfg)
+    return dw
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_up, down, weights, ids):
+        N, D = x.shape
+        E, I, k = gate_up.shape[0], down.shape[2], ids.shape[1]
+        M = N * k
+        order, ends = sort_by_expert(ids, E)
+        w_flat = weights.reshape(-1)
+        training = any(ctx.needs_input_grad[:4])
+        act = x.new_empty(M, I)
+        h = x.new_empty(M, 2 * I) if training else None
+        gu = gate_up.stride()
+        _grouped_gemm(x, gate_up, order, ends, I, D, (gu[0], gu[1], gu[2]), act, top_k=k, gather_a=True,
+                      swiglu_up_offset=I * gu[1], h=h)
+        rows = x.new_empty(M, D)
+        dn = down.stride()
+        _grouped_gemm(act, down, order, ends, D, I, (dn[0], dn[1], dn[2]), rows, top_k=k, scatter=True,
+                      scale=w_flat)
+        if training:
+            ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, act, h)
+            ctx.shape = (N, k, weights.dtype)
+        return rows.view(N, k, D).sum(1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gate_up, down, w_flat, order, ends, act, h = ctx.saved_tensors
+        (N, k, w_dtype), (M, I), D = ctx.shape, act.shape, x.shape[1]
+        need_x, need_gu, need_dn, need_w = ctx.needs_input_grad[:4]
+        dout = dout.contiguous()
+        dx = dgu = ddn = dw = None
+        if need_x or need_gu or need_w:
+            dn = down.stride()  # dact'[r, i] = sum_d dout[t, d] * down[e, d, i]
+            dact = _grouped_gemm(dout, down, order, ends, I, D, (dn[0], dn[2], dn[1]), x.new_empty(M, I),
+                                 top_k=k, gather_a=True)
+            dh = torch.empty_like(h)
+            dscale = torch.empty(M, device=x.device, dtype=torch.float32)
+            _swiglu_bwd_kernel[(M,)](dact, h, order, w_flat, dh, dscale, I, BLOCK_I=triton.next_power_of_2(I),
+                                     num_warps=4)
+            dw = dscale.view(N, k).to(w_dtype) if need_w else None
+            if need_x:
+                gu = gate_up.stride()  # dx rows[r, d] = sum_j dh[r, j] * gate_up[e, j, d]
+                rows = _grouped_gemm(dh, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]),
+                                     x.new_empty(M, D), top_k=k, scatter=True)
+                dx = rows.view(N, k, D).sum(1)
+            if need_gu:
+                dgu = _grouped_wgrad(dh, x, order, ends, torch.empty_like(gate_up), top_k=k, gather_a=True)
+        if need_dn:
+            ddn = _grouped_wgrad(dout, act, order, ends, torch.empty_like(down), top_k=k, gather_g=True,
+                                 scale=w_flat)
+        return dx, dgu, ddn, dw, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decode: a few tokens, no gradient
+
+
+@triton.jit
+def _decode_gate_up_kernel(x, ids, w, act, D, I, stride_xm, stride_we, stride_wn, stride_wk,
+                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[r, n] = silu(x[t] . gate[e, n]) * (x[t] . up[e, n]) for pair r = t*TOP_K + s, e = ids[r]."""
+    r = tl.program_id(0).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < I
+    ks = tl.arange(0, BLOCK_K)
+    e = tl.load(ids + r).to(tl.int64)
+    x_ptrs = x + (r // TOP_K) * stride_xm + ks
+    w_ptrs = w + e * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
+    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = ks < D - k0
+        xv = tl.load(x_ptrs, mask=kmask, other=0.0).to(tl.float32)[None, :]
+        wmask = nmask[:, None] & kmask[None, :]
+        acc_gate += tl.sum(tl.load(w_ptrs, mask=wmask, other=0.0).to(tl.float32) * xv, 1)
+        acc_up += tl.sum(tl.load(w_ptrs + I * stride_wn, mask=wmask, other=0.0).to(tl.float32) * xv, 1)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    tl.store(act + r * I + ns, acc_gate * tl.sigmoid(acc_gate) * acc_up, mask=nmask)
+
+
+@triton.jit
+def _decode_down_kernel(act, ids, weights, w, out, D, I, stride_we, stride_wn, stride_wk, stride_om,
+                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, n] = sum over slots s (in order) of weights[t, s] * (act[t*TOP_K + s] . down[ids[t, s], n])."""
+    t = tl.program_id(0).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < D
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(TOP_K):
+        r = t * TOP_K + s
+        e = tl.load(ids + r).to(tl.int64)
+        part = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            kmask = ks < I - k0
+            av = tl.load(act + r * I + k0 + ks, mask=kmask, other=0.0)
+            wt = tl.load(w + e * stride_we + ns[:, None] * stride_wn + (k0 + ks)[None, :] * stride_wk,
+                         mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            part += tl.sum(wt * av[None, :], 1)
+        acc += tl.load(weights + r).to(tl.float32) * part
+    tl.store(out + t * stride_om + ns, acc.to(out.dtype.element_ty), mask=nmask)
+
+
+def _moe_decode(x, gate_up, down, weights, ids):
+    N, D = x.shape
+    I, k = down.shape[2], ids.shape[1]
+    ids, weights = ids.contiguous(), weights.contiguous()
+    act = torch.empty(N * k, I, device=x.device, dtype=torch.float32)
+    out = torch.empty_like(x)
+    if N == 0:
+        return out
+    bn = 16
+    _decode_gate_up_kernel[(N * k, triton.cdiv(I, bn))](
+        x, ids, gate_up, act, D, I, x.stride(0), *gate_up.stride(), TOP_K=k, BLOCK_N=bn,
+        BLOCK_K=min(256, triton.next_power_of_2(D)), num_warps=4)
+    bn = 8
+    _decode_down_kernel[(N, triton.cdiv(D, bn))](
+        act, ids, weights, down, out, D, I, *down.stride(), out.stride(0), TOP_K=k, BLOCK_N=bn,
+        BLOCK_K=min(512, triton.next_power_of_2(I)), num_warps=4)
+    return out
+
+
+def moe_experts(x, gate_up, down, weights, ids):
+    """`moe_experts_ref`'s contract on Triton kernels. Up to DECODE_MAX_TOKENS tokens without gradients run
+    the decode kernels; everything else the grouped kernels, differentiable in x, gate_up, down, weights."""
+    check_moe_inputs(x, gate_up, down, weights, ids)
+    x = x.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, weights))
+    if not needs_grad and x.shape[0] <= DECODE_MAX_TOKENS:
+        return _moe_decode(x, gate_up, down, weights, ids)
+    return _MoEExperts.apply(x, gate_up, down, weights, ids)

@@ -1,0 +1,145 @@
+"""Mixture-of-experts fast paths against the references `route_ref` / `moe_experts_ref`: outputs and gradients.
+
+The Triton kernels run in Triton's interpreter (fp32, small shapes); the torch backend's sort-based path
+(`moe_experts_grouped`) runs natively. Routing cases include experts that get no rows, every row on one
+expert, top-k = 1 and top-k = E.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
+
+import pytest
+import torch
+from conftest import rel_err
+
+from qwen3next import ops
+from qwen3next.ops.moe import check_route_inputs, moe_experts_grouped, moe_experts_ref, route_ref
+
+FP32_TOL = 1e-5
+
+
+def _triton_moe():
+    pytest.importorskip("triton", reason="triton is not installed: the Triton MoE kernels cannot run")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    from qwen3next.ops.triton import moe
+
+    return moe
+
+
+def _inputs(N, D, I, E, k, dtype=torch.float32, ids=None, seed=0):
+    """Random x, experts, and a routing: softmax-top-k of random logits unless `ids` is given."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=dtype)
+    gate_up = torch.randn(E, 2 * I, D, generator=g, dtype=dtype) / D**0.5
+    down = torch.randn(E, D, I, generator=g, dtype=dtype) / I**0.5
+    logits = torch.randn(N, E, generator=g, dtype=dtype)
+    weights, routed = route_ref(logits, k, True)
+    if ids is None:
+        ids = routed
+    else:
+        weights = torch.rand(N, k, generator=g, dtype=dtype) + 0.1
+    return x, gate_up, down, weights, ids, torch.randn(N, D, generator=g, dtype=dtype)
+
+
+# (N, D, I, E, k, ids or None): odd sizes, empty experts, one expert for everything, top-k = 1 and = E
+CASES = {
+    "random": (37, 32, 16, 8, 3, None),
+    "odd_dims": (19, 24, 12, 5, 2, None),
+    "empty_experts": (29, 16, 16, 16, 2, lambda N, k: (torch.arange(N * k).view(N, k) * 2) % 16),
+    "one_expert": (40, 16, 16, 6, 1, lambda N, k: torch.full((N, k), 3)),
+    "top1": (23, 16, 16, 7, 1, None),
+    "topE": (11, 16, 8, 4, 4, None),
+}
+
+
+def _case(name, dtype=torch.float32):
+    N, D, I, E, k, make_ids = CASES[name]
+    return _inputs(N, D, I, E, k, dtype, None if make_ids is None else make_ids(N, k))
+
+
+def _outputs_and_grads(fn, x, gate_up, down, weights, ids, dout):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
+    out = fn(*leaves, ids)
+    return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+
+def _assert_matches_reference(fn, name, dtype=torch.float32, tol=FP32_TOL):
+    args = _case(name, dtype)
+    got = _outputs_and_grads(fn, *args)
+    want = _outputs_and_grads(moe_experts_ref, *args)
+    for label, a, b in zip(("out", "dx", "dgate_up", "ddown", "dweights"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, label
+        assert not a.isnan().any(), label
+        assert rel_err(a, b) < tol, (label, rel_err(a, b))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_grouped_matches_reference(name):
+    _assert_matches_reference(moe_experts_grouped, name)
+
+
+def test_torch_grouped_fp64_falls_back_exactly():
+    _assert_matches_reference(moe_experts_grouped, "random", torch.float64, 1e-12)
+
+
+def test_torch_backend_dispatches_to_grouped_path():
+    args = _case("random")[:5]
+    assert torch.equal(ops.moe_experts(*args), moe_experts_grouped(*args))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_grouped_matches_reference(name):
+    moe = _triton_moe()
+    _assert_matches_reference(moe.moe_experts, name)
+
+
+@pytest.mark.parametrize("name", ["random", "empty_experts", "topE"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_triton_decode_matches_reference(name, tokens):
+    moe = _triton_moe()
+    x, gate_up, down, weights, ids, _ = _case(name)
+    x, weights, ids = x[:tokens], weights[:tokens], ids[:tokens]
+    assert tokens <= moe.DECODE_MAX_TOKENS
+    with torch.no_grad():
+        got = moe.moe_experts(x, gate_up, down, weights, ids)
+    assert rel_err(got, moe_experts_ref(x, gate_up, down, weights, ids)) < FP32_TOL
+
+
+@pytest.mark.parametrize("N,E,k,norm", [(7, 8, 2, True), (33, 20, 5, False), (5, 6, 6, True), (4, 3, 1, False),
+                                        (9, 512, 10, True)])
+def test_triton_route_matches_reference(N, E, k, norm):
+    moe = _triton_moe()
+    g = torch.Generator().manual_seed(N * E + k)
+    logits = torch.randn(N, E, generator=g) * 3
+    expert_grad = torch.randn(N, E, generator=g)  # d loss / d weight of (token, expert): independent of slot order
+
+    def dense(route):
+        """Slot-order-free view of a routing: dense [N, E] weights, and the logits' gradient."""
+        lg = logits.clone().requires_grad_(True)
+        weights, ids = route(lg, k, norm)
+        assert ids.dtype == torch.int64 and weights.dtype == logits.dtype and ids.shape == (N, k)
+        (grad,) = torch.autograd.grad(weights, lg, expert_grad.gather(1, ids))
+        return torch.zeros(N, E).scatter(1, ids, weights.detach()), grad
+
+    (w_got, g_got), (w_want, g_want) = dense(moe.route), dense(route_ref)
+    assert rel_err(w_got, w_want) < FP32_TOL
+    assert rel_err(g_got, g_want) < FP32_TOL
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, gate_up, down, weights, ids, _ = _case("random")
+    with pytest.raises(ValueError, match="top_k"):
+        check_route_inputs(torch.randn(3, 4), 5)
+    with pytest.raises(ValueError, match="inconsistent expert shapes"):
+        moe_experts_grouped(x, gate_up[:, :-1], down, weights, ids)
+    with pytest.raises(ValueError, match=r"\[N=37, k\]"):
+        moe_experts_grouped(x, gate_up, down, weights[:-1], ids[:-1])
+    with pytest.raises(ValueError, match="int32/int64"):
+        moe_experts_grouped(x, gate_up, down, weights, ids.float())
+    moe = _triton_moe()
+    with pytest.raises(ValueError, match="top_k"):
+        moe.route(torch.randn(3, 4), 0, True)
+    with pytest.raises(ValueError, match="share a dtype"):
+        moe.moe_experts(x.double(), gate_up, down, weights, ids)
