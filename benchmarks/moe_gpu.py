@@ -1,0 +1,353 @@
+"""Sparse-MoE block on the GPU: ours (Triton) against transformers' `Qwen3NextSparseMoeBlock`, one run.
+
+1. Checks: bf16 routing and experts (outputs and gradients of x, gate_up, down, routing weights, logits)
+   against the fp32 references `route_ref` / `moe_experts_ref` on the same (bf16-rounded) values,
+   by ||ours - ref|| / ||ref||, on the grouped path (300 tokens) and the decode path (1 and 3 tokens).
+2. Ceilings measured here: dense bf16 matmul rate and device-to-device copy bandwidth.
+3. Times (median of CUDA-event timings) of the whole block (router, routed experts, gated shared expert)
+   for ours and transformers' experts implementations eager / grouped_mm / batched_mm, at 1, 64, 1024,
+   8192 tokens, forward (no grad) and forward+backward, with the floor beside each:
+   floor = max(FLOPs / matmul rate, bytes / copy bandwidth), bytes = the expected distinct experts'
+   weights (uniform routing) + shared expert + router + activations; forward+backward reads the weights
+   twice and writes every weight gradient once, and does 3x the FLOPs.
+   "ours torch" is the torch backend's sort-based `_grouped_mm` path run on the GPU, for comparison.
+4. Extras: CUDA-graph replay of our 1-token forward; a few tile configurations of our grouped kernels at
+   8192 tokens; a kernel-time breakdown of ours at 8192 tokens (torch profiler).
+
+    PYTHONUNBUFFERED=1 python benchmarks/moe_gpu.py [--out DIR] [--small]
+--small runs tiny shapes (also on the CPU under TRITON_INTERPRET=1) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qwen3next import ops
+from qwen3next.ops.moe import moe_experts_grouped, moe_experts_ref, route_ref
+
+HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def timer(fn, device, budget_s=1.0, max_reps=30) -> float:
+    """Median milliseconds of fn() after two warm-up calls; stops after max_reps or budget_s."""
+    for _ in range(2):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
+        if device.type == "cuda":
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            times.append(t0.elapsed_time(t1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def make_block(shape, device, dtype):
+    import transformers
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+
+    D, E, k, I, Is = shape
+    config = transformers.Qwen3NextConfig(hidden_size=D, num_experts=E, num_experts_per_tok=k,
+                                          moe_intermediate_size=I, shared_expert_intermediate_size=Is,
+                                          norm_topk_prob=True, hidden_act="silu")
+    config._experts_implementation = "grouped_mm"
+    block = Qwen3NextSparseMoeBlock(config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)  # fan-in scale; never zeros (router ties, unwritten outputs)
+    return block, config
+
+
+def our_block(block, experts_fn):
+    """The block's computation with our routing and routed-experts ops (as the model's SparseMoE does)."""
+    k, norm = block.gate.top_k, block.gate.norm_topk_prob
+
+    def run(x):
+        flat = x.view(-1, x.shape[-1])
+        weights, ids = ops.route(F.linear(flat, block.gate.weight), k, norm)
+        routed = experts_fn(flat, block.experts.gate_up_proj, block.experts.down_proj, weights, ids)
+        shared = block.shared_expert(flat) * torch.sigmoid(block.shared_expert_gate(flat))
+        return (routed + shared).view_as(x)
+
+    return run
+
+
+def check(shape, device, log):
+    """bf16 ours vs fp32 references on the same rounded values."""
+    D, E, k, I, _ = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)  # noqa: E731
+    gate_up32, down32 = rnd(E, 2 * I, D, scale=D**-0.5), rnd(E, D, I, scale=I**-0.5)
+    gate_up, down = gate_up32.bfloat16(), down32.bfloat16()
+    gate_up32, down32 = gate_up.float(), down.float()
+    worst = 0.0
+    for n in (300, 3, 1):
+        logits = rnd(n, E, scale=2.0).bfloat16()
+        x = rnd(n, D).bfloat16()
+        dout = rnd(n, D).bfloat16()
+        # routing, judged on our own choice of experts (bf16 logits tie often; any tie order is right):
+        # the chosen set must be a top-k of the fp32 softmax, and weights and logit gradients must match
+        # the reference formula (softmax, gather, renormalise) on that set
+        expert_grad = rnd(n, E)
+        lg = logits.clone().requires_grad_(True)
+        w, ids = ops.route(lg, k, True)
+        (dlg,) = torch.autograd.grad(w, lg, expert_grad.gather(1, ids).bfloat16())
+        lg32 = logits.float().requires_grad_(True)
+        p32 = F.softmax(lg32, dim=-1)
+        chosen = p32.gather(1, ids)
+        w_ref = chosen / chosen.sum(1, keepdim=True)
+        (dlg32,) = torch.autograd.grad(w_ref, lg32, expert_grad.gather(1, ids))
+        top_k_ok = (chosen.min(1).values >= p32.scatter(1, ids, -1.0).max(1).values).float().mean().item() \
+            if k < E else 1.0
+        errs = {"route w": rel(w, w_ref), "route dlogits": rel(dlg, dlg32), "route top-k valid": 1 - top_k_ok}
+        w32, ids32 = route_ref(logits.float(), k, True)
+        # experts on the reference's routing
+        weights32 = w32.detach()
+        weights = weights32.bfloat16()
+        if n > 3:
+            leaves32 = [t.float().requires_grad_(True) for t in (x, gate_up32, down32, weights)]
+            out32 = moe_experts_ref(*leaves32, ids32)
+            want = (out32, *torch.autograd.grad(out32, leaves32, dout.float()))
+            for label, fn in (("triton", ops.moe_experts), ("torch grouped", moe_experts_grouped)):
+                try:
+                    leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
+                    out = fn(*leaves, ids32)
+                    got = (out, *torch.autograd.grad(out, leaves, dout))
+                except Exception as exc:  # report and go on to the timings
+                    log(f"check {label} failed: {type(exc).__name__}: {str(exc)[:300]}")
+                    errs[label] = float("inf")
+                    continue
+                for name, a, b in zip(("out", "dx", "dgate_up", "ddown", "dweights"), got, want):
+                    errs[f"{label} {name}"] = rel(a, b)
+                    if a.isnan().any():
+                        errs[f"{label} {name}"] = float("inf")
+        else:
+            with torch.no_grad():
+                out = ops.moe_experts(x, gate_up, down, weights, ids32)
+                errs["decode out"] = rel(out, moe_experts_ref(x.float(), gate_up32, down32, weights32, ids32))
+        log(f"check N={n}: " + ", ".join(f"{a} {b:.1e}" for a, b in errs.items()))
+        worst = max(worst, *errs.values())
+    log(f"check: worst relative error {worst:.2e} ({'PASS' if worst < 1e-2 else 'FAIL'} at 1e-2)")
+    return worst
+
+
+def ceilings(device, log):
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = timer(lambda: a @ b, device, budget_s=0.5)
+    flops = 2 * n**3 / ms / 1e9
+    src = torch.randn(512 * 2**20, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src), device, budget_s=0.5)
+    bw = 2 * src.numel() * 2 / ms / 1e9
+    log(f"ceilings: bf16 matmul {flops:.0f} TFLOP/s, copy {bw:.2f} TB/s (read + write)")
+    return flops * 1e12, bw * 1e12
+
+
+def floor_ms(n, shape, peak, bw, backward):
+    D, E, k, I, Is = shape
+    used = E * (1 - (1 - k / E) ** n)
+    expert_bytes, dense_bytes = 3 * D * I * 2, (3 * D * Is + D * E + D) * 2
+    flops = 2 * n * (k * 3 * D * I + 3 * D * Is + D * E + D)
+    weights_read = used * expert_bytes + dense_bytes
+    act = n * D * 2 * 2
+    if backward:
+        flops, bytes_ = 3 * flops, 2 * weights_read + E * expert_bytes + dense_bytes + 3 * act
+    else:
+        bytes_ = weights_read + act
+    return max(flops / peak, bytes_ / bw) * 1e3
+
+
+def bench(shape, device, tokens, peak, bw, log):
+    block, config = make_block(shape, device, torch.bfloat16)
+    ours = our_block(block, ops.moe_experts)
+    ours_torch = our_block(block, moe_experts_grouped)
+
+    def theirs(impl):
+        def run(x):
+            config._experts_implementation = impl
+            return block(x)
+        return run
+
+    impls = [("ours", ours), ("ours torch", ours_torch)] + [(f"hf {i}", theirs(i)) for i in HF_IMPLS]
+    params = list(block.parameters())
+    rows = []
+    for n in tokens:
+        x = torch.randn(1, n, shape[0], device=device, dtype=torch.bfloat16)
+        dout = torch.randn_like(x)
+        for backward in (False, True):
+            cells = {}
+            for label, fn in impls:
+                if label == "hf eager" and n >= 1024 and backward:
+                    cells[label] = None  # seconds per call: left out to save device time
+                    continue
+                if backward:
+                    xg = x.clone().requires_grad_(True)
+
+                    def step(fn=fn, xg=xg):
+                        fn(xg).backward(dout)
+                        for p in params + [xg]:
+                            p.grad = None
+                else:
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            fn(x)
+                slow = label == "hf eager" and n > 1
+                try:
+                    cells[label] = timer(step, device, budget_s=0.2 if slow else 0.5, max_reps=3 if slow else 20)
+                except torch.cuda.OutOfMemoryError:
+                    cells[label] = "OOM"
+                except Exception as exc:  # keep the run going: one failing implementation is a result too
+                    cells[label] = "error"
+                    log(f"  {label} at {n} tokens failed: {type(exc).__name__}: {str(exc)[:300]}")
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            floor = floor_ms(n, shape, peak, bw, backward)
+            rows.append((n, "fwd+bwd" if backward else "fwd", cells, floor))
+            log(f"  {n} {'fwd+bwd' if backward else 'fwd'}: " + ", ".join(
+                f"{a} {b if isinstance(b, str) or b is None else f'{b:.3f}'}" for a, b in cells.items())
+                + f"; floor {floor:.3f} ms")
+    labels = [label for label, _ in impls]
+    table = ["| tokens | pass | " + " | ".join(f"{l} (ms)" for l in labels) + " | floor (ms) | ours / floor |",
+             "|---|---|" + "---|" * len(labels) + "---|---|"]
+    fmt = lambda v: "n/a" if v is None else v if isinstance(v, str) else f"{v:.3f}"  # noqa: E731
+    for n, p, cells, floor in rows:
+        ours_ms = cells["ours"]
+        table.append(f"| {n} | {p} | " + " | ".join(fmt(cells[l]) for l in labels)
+                     + f" | {floor:.3f} | {ours_ms / floor:.1f}x |")
+    return block, "\n".join(table)
+
+
+def graph_replay(block, shape, device, log):
+    """Our 1-token forward captured in a CUDA graph (what a generation loop would replay)."""
+    fn = our_block(block, ops.moe_experts)
+    x = torch.randn(1, 1, shape[0], device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(x)
+    log(f"ours 1 token fwd, CUDA graph replay: {timer(graph.replay, device):.4f} ms")
+
+
+def sweep(shape, device, log):
+    """Tile configurations of our grouped kernels at 8192 tokens (forward GEMMs and weight gradients)."""
+    from qwen3next.ops.moe import sort_by_expert
+    from qwen3next.ops.triton import moe
+
+    D, E, k, I, _ = shape
+    n = 8192
+    M = n * k
+    x = torch.randn(n, D, device=device, dtype=torch.bfloat16)
+    gate_up = torch.randn(E, 2 * I, D, device=device, dtype=torch.bfloat16) * D**-0.5
+    down = torch.randn(E, D, I, device=device, dtype=torch.bfloat16) * I**-0.5
+    weights, ids = ops.route(torch.randn(n, E, device=device, dtype=torch.bfloat16), k, True)
+    order, ends = sort_by_expert(ids, E)
+    act, h, rows = x.new_empty(M, I), x.new_empty(M, 2 * I), x.new_empty(M, D)
+    gu, dn = gate_up.stride(), down.stride()
+    log(f"sort_by_expert: {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
+        f"k-sum: {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms")
+    configs = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+               dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+               dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)]
+    for cfg in configs:
+        t_gu = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
+                                               swiglu_up_offset=I * gu[1], config=cfg), device)
+        t_guh = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
+                                                swiglu_up_offset=I * gu[1], h=h, config=cfg), device)
+        t_dn = timer(lambda: moe._grouped_gemm(act, down, order, ends, D, I, dn, rows, top_k=k, scatter=True,
+                                               scale=weights.reshape(-1), config=cfg), device)
+        t_dx = timer(lambda: moe._grouped_gemm(h, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), rows,
+                                               top_k=k, scatter=True, config=cfg), device)
+        log(f"gemm {cfg}: gate_up {t_gu:.3f} (+h {t_guh:.3f}), down {t_dn:.3f}, dx {t_dx:.3f} ms "
+            f"(gate_up {2 * M * D * 2 * I / t_gu / 1e9:.0f} TFLOP/s)")
+    dgu, ddn = torch.empty_like(gate_up), torch.empty_like(down)
+    for cfg in [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=8, num_stages=3),
+                dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=8, num_stages=3),
+                dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, num_warps=4, num_stages=4)]:
+        t1 = timer(lambda: moe._grouped_wgrad(h, x, order, ends, dgu, top_k=k, gather_a=True, config=cfg), device)
+        t2 = timer(lambda: moe._grouped_wgrad(rows, act, order, ends, ddn, top_k=k, gather_g=True,
+                                              scale=weights.reshape(-1), config=cfg), device)
+        log(f"wgrad {cfg}: dgate_up {t1:.3f}, ddown {t2:.3f} ms")
+
+
+def profile(block, shape, device, log, out_dir):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn = our_block(block, ops.moe_experts)
+    x = torch.randn(1, 8192, shape[0], device=device, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(x)
+    for _ in range(2):
+        fn(x).backward(dout)
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn(x).backward(dout)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    log("profile of ours, 8192 tokens fwd+bwd, 3 iterations:\n" + table)
+    for p in list(block.parameters()) + [x]:
+        p.grad = None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--small", action="store_true", help="tiny shapes: check the script, not the speed")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sweep", "profile", "check"])
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = (64, 16, 4, 32, 32) if args.small else (2048, 512, 10, 512, 512)  # D, E, k, I, shared I
+    tokens = (1, 5, 40) if args.small else (1, 64, 1024, 8192)
+    os.makedirs(args.out, exist_ok=True)
+    log_file = open(os.path.join(args.out, "moe_gpu.log"), "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    import transformers
+    import triton
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    log(f"{datetime.date.today()} {name}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"transformers {transformers.__version__}; D, E, k, I, shared I = {shape}, bf16")
+    torch.manual_seed(0)
+    if "check" not in args.skip:
+        check(shape, device, log)
+    peak, bw = ceilings(device, log) if device.type == "cuda" else (1e12, 1e11)
+    block, table = bench(shape, device, tokens, peak, bw, log)
+    if device.type == "cuda":
+        graph_replay(block, shape, device, log)
+        if "profile" not in args.skip:
+            profile(block, shape, device, log, args.out)
+        del block
+        torch.cuda.empty_cache()
+        if "sweep" not in args.skip:
+            sweep(shape, device, log)
+    log("\n" + table)
+
+
+if __name__ == "__main__":
+    main()
