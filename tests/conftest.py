@@ -1,7 +1,14 @@
 """Shared test helpers: tiny configs and the transformers oracle built on the same weights."""
 
+import os
+
 import pytest
 import torch
+
+# Triton kernels run in Triton's interpreter on a machine without CUDA. This must be set before anything
+# imports triton (importing the model does, through torch), so it lives here rather than in the tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from qwen3next.config import Qwen3NextConfig
 from qwen3next.model import Qwen3NextForCausalLM

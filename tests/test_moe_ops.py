@@ -1,13 +1,12 @@
 """Mixture-of-experts fast paths against the references `route_ref` / `moe_experts_ref`: outputs and gradients.
 
-The Triton kernels run in Triton's interpreter (fp32, small shapes); the torch backend's sort-based path
+The Triton kernels run in Triton's interpreter without CUDA (fp32, small shapes; conftest.py sets
+TRITON_INTERPRET=1 before triton is first imported); the torch backend's sort-based path
 (`moe_experts_grouped`) runs natively. Routing cases include experts that get no rows, every row on one
 expert, top-k = 1 and top-k = E.
 """
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere in this process
 
 import pytest
 import torch

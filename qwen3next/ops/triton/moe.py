@@ -6,7 +6,7 @@ experts gate_up [E, 2I, D] (gate rows, then up rows) and down [E, D, I], and M =
   route    logits [N, E] -> weights [N, k], ids [N, k]: one kernel (softmax in fp32, k rounds of argmax,
            renormalisation).
   sort     ids -> order [M] (the flat pair index n*k + s of each row once sorted by expert) and ends [E]
-           (cumulative rows per expert): a stable `torch.sort` and a `searchsorted`, no host sync.
+           (cumulative rows per expert): one kernel, a program per expert, stable, no host sync.
   gate/up  act[r] = silu(x[t] . Wg[e]) * (x[t] . Wu[e]) for sorted row r = (token t, expert e): a grouped
            GEMM whose A rows are gathered from x, SiLU-times-up fused into its epilogue.
   down     Y[order[r]] = w[order[r]] * (act[r] . Wd[e]): a grouped GEMM with the routing weight applied
@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..moe import check_moe_inputs, check_route_inputs, sort_by_expert
+from ..moe import check_moe_inputs, check_route_inputs
 
 DECODE_MAX_TOKENS = 4  # at most this many tokens (and no gradient): the GEMV decode path
 
@@ -128,6 +128,35 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
 
 
 @triton.jit
+def _sort_by_expert_kernel(ids, order, ends, M, BLOCK: tl.constexpr):
+    """Program e: start = number of pairs routed to experts < e; then order[start + j] = flat index of the
+    j-th pair (in (token, slot) order) routed to e; ends[e] = start + that count. Stable, no atomics."""
+    e = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    below = tl.zeros([BLOCK], dtype=tl.int32)
+    for m0 in range(0, M, BLOCK):
+        v = tl.load(ids + m0 + offs, mask=m0 + offs < M, other=e)
+        below += (v < e).to(tl.int32)
+    pos = tl.sum(below, 0)
+    for m0 in range(0, M, BLOCK):
+        idx = m0 + offs
+        hit = (tl.load(ids + idx, mask=idx < M, other=-1) == e).to(tl.int32)
+        tl.store(order + pos + tl.cumsum(hit, 0) - 1, idx.to(tl.int64), mask=hit > 0)
+        pos += tl.sum(hit, 0)
+    tl.store(ends + e, pos)
+
+
+def _sort_by_expert(ids: torch.Tensor, num_experts: int):
+    """`qwen3next.ops.moe.sort_by_expert` in one launch (torch.sort is several, plus host-side work)."""
+    M = ids.numel()
+    order = torch.empty(M, device=ids.device, dtype=torch.int64)
+    ends = torch.empty(num_experts, device=ids.device, dtype=torch.int32)
+    _sort_by_expert_kernel[(num_experts,)](ids.contiguous(), order, ends, M,
+                                           BLOCK=min(2048, triton.next_power_of_2(max(M, 16))), num_warps=4)
+    return order, ends
+
+
+@triton.jit
 def _tile_segment(ends, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """Row tile `pid_m` of the expert-sorted rows -> (expert, first row, end of the expert's rows).
     Experts' tiles are numbered expert by expert; expert == E means the tile is past the last one."""
@@ -149,7 +178,7 @@ def _grouped_gemm_kernel(
     a, b, c, h, order, scale, ends, E, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
-    SWIGLU: tl.constexpr, STORE_H: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
@@ -182,12 +211,18 @@ def _grouped_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kmask = ks < K - k0
-        a_tile = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b_tile = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if EVEN_K:  # K % BLOCK_K == 0: no mask along K
+            a_mask = rmask[:, None]
+            b_mask = nmask[None, :]
+        else:
+            kmask = ks < K - k0
+            a_mask = rmask[:, None] & kmask[None, :]
+            b_mask = kmask[:, None] & nmask[None, :]
+        a_tile = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b_tile = tl.load(b_ptrs, mask=b_mask, other=0.0)
         acc = tl.dot(a_tile, b_tile, acc)
         if SWIGLU:
-            up_tile = tl.load(b_ptrs + up_offset, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            up_tile = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
             acc_up = tl.dot(a_tile, up_tile, acc_up)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
@@ -278,13 +313,19 @@ def _swiglu_bwd_kernel(dact, h, order, scale, dh, dscale, I, BLOCK_I: tl.constex
 
 def _gemm_config(rows: int, experts: int, swiglu: bool) -> dict:
     """Tile shapes by the mean rows per expert: small tiles for few rows (memory-bound, weight reads
-    dominate), 64-row tiles for many (the tensor cores' native height on Hopper)."""
+    dominate), 64/128-row tiles for many. The large-row choices are the fastest of a sweep on an H100
+    at 8192 tokens x 10 slots over 512 experts (benchmarks/moe_gpu.py)."""
     mean = rows / max(experts, 1)
     if mean <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     if mean <= 48:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64 if swiglu else 128, BLOCK_K=64, num_warps=4, num_stages=4)
+    if swiglu:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=8, num_stages=3)
 
 
 def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gather_a=False, scatter=False,
@@ -301,14 +342,15 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
         a.stride(0), *w_strides, out.stride(0), h.stride(0) if h is not None else 0,
         swiglu_up_offset or 0,
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
-        SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, BLOCK_E=triton.next_power_of_2(E), **cfg)
+        SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
+        BLOCK_E=triton.next_power_of_2(E), **cfg)
     return out
 
 
 def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=False, scale=None, config=None):
     """Launch `_grouped_wgrad_kernel`: dw [E, N_OUT, K] from g [*, N_OUT] and a [*, K]."""
     E, n_out, k_dim = dw.shape
-    cfg = config or dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=8, num_stages=3)
+    cfg = config or WGRAD_CONFIG
     grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_dim, cfg["BLOCK_K"]), E)
     _grouped_wgrad_kernel[grid](
         g, a, order, scale if scale is not None else g, ends, dw, n_out, k_dim,
@@ -323,7 +365,7 @@ class _MoEExperts(torch.autograd.Function):
         N, D = x.shape
         E, I, k = gate_up.shape[0], down.shape[2], ids.shape[1]
         M = N * k
-        order, ends = sort_by_expert(ids, E)
+        order, ends = _sort_by_expert(ids, E)
         w_flat = weights.reshape(-1)
         training = any(ctx.needs_input_grad[:4])
         act = x.new_empty(M, I)
