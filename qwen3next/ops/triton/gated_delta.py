@@ -51,13 +51,56 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(ptr, t, tmask, head, H: tl.constexpr, D: tl.constexpr, cols, L2NORM: tl.constexpr):
-    """fp32 rows [len(t), len(cols)] of a packed [tokens, H, D] tensor at head `head`, optionally L2-normalised."""
-    x = tl.load(ptr + (t[:, None] * H + head) * D + cols[None, :], mask=tmask[:, None] & (cols < D)[None, :],
-                other=0.0).to(tl.float32)
+def _tile_load(ptr, bos, L, head, H: tl.constexpr, D: tl.constexpr, row0, col0, BR: tl.constexpr, BC: tl.constexpr):
+    """Rows row0.. (< L) of the sequence starting at token `bos`, columns col0.. (< D), of a packed
+    [tokens, H, D] tensor at head `head`: a [BR, BC] tile in the tensor's dtype, zero outside."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    base = ptr + (bos * H + head) * D
+    return tl.load(base + rows[:, None] * (H * D) + cols[None, :], mask=(rows < L)[:, None] & (cols < D)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _tile_store(ptr, bos, L, head, H: tl.constexpr, D: tl.constexpr, row0, col0, BR: tl.constexpr,
+                BC: tl.constexpr, val):
+    """Store a [BR, BC] tile where `_tile_load` would read it (cast to the tensor's dtype)."""
+    rows = row0 + tl.arange(0, BR)
+    cols = col0 + tl.arange(0, BC)
+    base = ptr + (bos * H + head) * D
+    tl.store(base + rows[:, None] * (H * D) + cols[None, :], val.to(ptr.dtype.element_ty),
+             mask=(rows < L)[:, None] & (cols < D)[None, :])
+
+
+@triton.jit
+def _state_load(ptr, row, hv, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, col0,
+                BK: tl.constexpr, BV: tl.constexpr):
+    """S[row, hv, :, col0:col0+BV] of a [rows, HV, DK, DV] state tensor as a [BK, BV] tile (zero outside)."""
+    rk = tl.arange(0, BK)
+    rv = col0 + tl.arange(0, BV)
+    base = ptr + (row * HV + hv).to(tl.int64) * DK * DV
+    return tl.load(base + rk[:, None] * DV + rv[None, :], mask=(rk < DK)[:, None] & (rv < DV)[None, :], other=0.0)
+
+
+@triton.jit
+def _state_store(ptr, row, hv, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, col0,
+                 BK: tl.constexpr, BV: tl.constexpr, val):
+    rk = tl.arange(0, BK)
+    rv = col0 + tl.arange(0, BV)
+    base = ptr + (row * HV + hv).to(tl.int64) * DK * DV
+    tl.store(base + rk[:, None] * DV + rv[None, :], val.to(ptr.dtype.element_ty),
+             mask=(rk < DK)[:, None] & (rv < DV)[None, :])
+
+
+@triton.jit
+def _row_factor(x, L2NORM: tl.constexpr):
+    """Per-row factor that L2-normalises x (ones without the norm). The kernels keep q and k as loaded
+    and fold these factors (and the scale) into the rows/columns of the products instead."""
     if L2NORM:
-        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
-    return x
+        xf = x.to(tl.float32)
+        return tl.rsqrt(tl.sum(xf * xf, 1) + 1e-6)
+    else:
+        return tl.full([x.shape[0]], 1.0, tl.float32)
 
 
 @triton.jit
@@ -68,32 +111,50 @@ def _load_gates(g, beta, t, tmask, hv, HV: tl.constexpr):
     return tl.cumsum(gb, 0), tl.sum(gb, 0), bb
 
 
+@triton.jit
+def _decay_matrix(c, causal):
+    """exp(c_i - c_j) where `causal` (j <= i or j < i), else 0."""
+    return tl.where(causal, tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)), 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. T = (I + A)^-1 per chunk
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _inv_unit_lower(a):
-    """(I + a)^-1 for a strictly lower-triangular [16, 16] a, by forward substitution, row by row."""
-    r = tl.arange(0, 16)[:, None]
-    c = tl.arange(0, 16)[None, :]
-    t = (r == c).to(tl.float32)
-    for i in tl.static_range(1, 16):
-        a_i = tl.sum(tl.where(r == i, a, 0.0), 0)                 # row i of a, indexed by column j
-        row = -tl.sum(a_i[:, None] * t, 0)                         # -sum_j a_ij t_j (rows j < i are final)
-        t = tl.where(r == i, row[None, :] + (c == i).to(tl.float32), t)
-    return t
+def _substitute_row(a, t, r, c, i):
+    """Row i of (I + a)^-1 by forward substitution: t_i = e_i - sum_{j<i} a_ij t_j (rows j < i of t are final)."""
+    a_i = tl.sum(tl.where(r == i, a, 0.0), 0)                     # row i of a, indexed by column j
+    return tl.where(r == i, (c == i).to(tl.float32) - tl.sum(a_i[:, None] * t, 0)[None, :], t)
 
 
 @triton.jit
-def _a_block(ki, kj, bi, ci, cj, DIAG: tl.constexpr, PREC: tl.constexpr):
-    """Block (i, j) of A: beta_i exp(c_i - c_j) k_i.k_j, strictly lower on the diagonal."""
-    a = tl.dot(ki, tl.trans(kj), input_precision=PREC)
+def _inv_unit_lower4(a0, a1, a2, a3):
+    """(I + a)^-1 of four strictly lower-triangular [16, 16] blocks, row by row (a run-time loop, so
+    the four independent chains interleave without unrolling)."""
+    r = tl.arange(0, 16)[:, None]
+    c = tl.arange(0, 16)[None, :]
+    t0 = (r == c).to(tl.float32)
+    t1 = t0
+    t2 = t0
+    t3 = t0
+    for i in range(1, 16):
+        t0 = _substitute_row(a0, t0, r, c, i)
+        t1 = _substitute_row(a1, t1, r, c, i)
+        t2 = _substitute_row(a2, t2, r, c, i)
+        t3 = _substitute_row(a3, t3, r, c, i)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _scale_a(kk, fi, fj, ci, cj, DIAG: tl.constexpr):
+    """Block (i, j) of A from its k_i.k_j products: fi_i fj_j exp(c_i - c_j) kk (fi = beta x norm factor,
+    fj = norm factor), strictly lower on the diagonal."""
+    a = kk * fi[:, None] * fj[None, :]
     if DIAG:
-        strict = tl.arange(0, 16)[:, None] > tl.arange(0, 16)[None, :]
-        a = tl.where(strict, a * bi[:, None] * tl.exp(tl.where(strict, ci[:, None] - cj[None, :], 0.0)), 0.0)
+        a = a * _decay_matrix(ci, tl.arange(0, 16)[:, None] > tl.arange(0, 16)[None, :])
     else:
-        a = a * bi[:, None] * tl.exp(ci[:, None] - cj[None, :])
+        a = a * tl.exp(ci[:, None] - cj[None, :])
     return a
 
 
@@ -106,44 +167,66 @@ def _store_block(ptr, t0, eos, hv, HV: tl.constexpr, i: tl.constexpr, j: tl.cons
 
 @triton.jit
 def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
-                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
+                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BKC: tl.constexpr,
                           L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
     hk = hv // (HV // HK)
     n = tl.load(chunk_seq + cid)
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
-    t0 = bos + tl.load(chunk_pos + cid).to(tl.int64) * 64
-    cols = tl.arange(0, BK)
-    dt = k.dtype.element_ty
+    L = (eos - bos).to(tl.int32)
+    r0 = tl.load(chunk_pos + cid) * 64
+    t0 = bos + r0
+    # the ten k_i.k_j products of the 16-row blocks (i >= j), accumulated over dk in BKC-wide slices
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    a00, a11, a22, a33, a10, a21, a32, a20, a31, a30 = z, z, z, z, z, z, z, z, z, z
+    s0 = tl.zeros([16], dtype=tl.float32)
+    s1, s2, s3 = s0, s0, s0
+    for kc in range(0, DK, BKC):
+        k0 = _tile_load(k, bos, L, hk, HK, DK, r0, kc, 16, BKC)
+        k1 = _tile_load(k, bos, L, hk, HK, DK, r0 + 16, kc, 16, BKC)
+        k2 = _tile_load(k, bos, L, hk, HK, DK, r0 + 32, kc, 16, BKC)
+        k3 = _tile_load(k, bos, L, hk, HK, DK, r0 + 48, kc, 16, BKC)
+        if L2NORM:
+            s0 += tl.sum(k0.to(tl.float32) * k0.to(tl.float32), 1)
+            s1 += tl.sum(k1.to(tl.float32) * k1.to(tl.float32), 1)
+            s2 += tl.sum(k2.to(tl.float32) * k2.to(tl.float32), 1)
+            s3 += tl.sum(k3.to(tl.float32) * k3.to(tl.float32), 1)
+        a00 = tl.dot(k0, tl.trans(k0), a00, input_precision=PREC)
+        a11 = tl.dot(k1, tl.trans(k1), a11, input_precision=PREC)
+        a22 = tl.dot(k2, tl.trans(k2), a22, input_precision=PREC)
+        a33 = tl.dot(k3, tl.trans(k3), a33, input_precision=PREC)
+        a10 = tl.dot(k1, tl.trans(k0), a10, input_precision=PREC)
+        a21 = tl.dot(k2, tl.trans(k1), a21, input_precision=PREC)
+        a32 = tl.dot(k3, tl.trans(k2), a32, input_precision=PREC)
+        a20 = tl.dot(k2, tl.trans(k0), a20, input_precision=PREC)
+        a31 = tl.dot(k3, tl.trans(k1), a31, input_precision=PREC)
+        a30 = tl.dot(k3, tl.trans(k0), a30, input_precision=PREC)
+    if L2NORM:
+        r0_, r1, r2, r3 = tl.rsqrt(s0 + 1e-6), tl.rsqrt(s1 + 1e-6), tl.rsqrt(s2 + 1e-6), tl.rsqrt(s3 + 1e-6)
+    else:
+        r0_, r1, r2, r3 = s0 + 1.0, s1 + 1.0, s2 + 1.0, s3 + 1.0
     ts = t0 + tl.arange(0, 16)
-    k0 = _load_rows(k, ts, ts < eos, hk, HK, DK, cols, L2NORM)
-    k1 = _load_rows(k, ts + 16, ts + 16 < eos, hk, HK, DK, cols, L2NORM)
-    k2 = _load_rows(k, ts + 32, ts + 32 < eos, hk, HK, DK, cols, L2NORM)
-    k3 = _load_rows(k, ts + 48, ts + 48 < eos, hk, HK, DK, cols, L2NORM)
     g0 = tl.load(g + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
     g1 = tl.load(g + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
     g2 = tl.load(g + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
     g3 = tl.load(g + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
-    b0 = tl.load(beta + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
-    b1 = tl.load(beta + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
-    b2 = tl.load(beta + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
-    b3 = tl.load(beta + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
+    f0 = r0_ * tl.load(beta + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
+    f1 = r1 * tl.load(beta + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
+    f2 = r2 * tl.load(beta + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
+    f3 = r3 * tl.load(beta + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
     c0 = tl.cumsum(g0, 0)
     c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
     c2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
     c3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-    k0, k1, k2, k3 = k0.to(dt), k1.to(dt), k2.to(dt), k3.to(dt)
-    t00 = _inv_unit_lower(_a_block(k0, k0, b0, c0, c0, True, PREC))
-    t11 = _inv_unit_lower(_a_block(k1, k1, b1, c1, c1, True, PREC))
-    t22 = _inv_unit_lower(_a_block(k2, k2, b2, c2, c2, True, PREC))
-    t33 = _inv_unit_lower(_a_block(k3, k3, b3, c3, c3, True, PREC))
-    a10 = _a_block(k1, k0, b1, c1, c0, False, PREC)
-    a21 = _a_block(k2, k1, b2, c2, c1, False, PREC)
-    a32 = _a_block(k3, k2, b3, c3, c2, False, PREC)
-    a20 = _a_block(k2, k0, b2, c2, c0, False, PREC)
-    a31 = _a_block(k3, k1, b3, c3, c1, False, PREC)
-    a30 = _a_block(k3, k0, b3, c3, c0, False, PREC)
+    t00, t11, t22, t33 = _inv_unit_lower4(_scale_a(a00, f0, r0_, c0, c0, True), _scale_a(a11, f1, r1, c1, c1, True),
+                                          _scale_a(a22, f2, r2, c2, c2, True), _scale_a(a33, f3, r3, c3, c3, True))
+    a10 = _scale_a(a10, f1, r0_, c1, c0, False)
+    a21 = _scale_a(a21, f2, r1, c2, c1, False)
+    a32 = _scale_a(a32, f3, r2, c3, c2, False)
+    a20 = _scale_a(a20, f2, r0_, c2, c0, False)
+    a31 = _scale_a(a31, f3, r1, c3, c1, False)
+    a30 = _scale_a(a30, f3, r0_, c3, c0, False)
     # T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj  (i > j)
     t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=PREC), input_precision=PREC)
     t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=PREC), input_precision=PREC)
@@ -178,12 +261,6 @@ def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _decay_matrix(c, causal):
-    """exp(c_i - c_j) where j <= i, else 0."""
-    return tl.where(causal, tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)), 0.0)
-
-
-@triton.jit
 def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scale,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
@@ -192,42 +269,41 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scal
     hk = hv // (HV // HK)
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
+    L = (eos - bos).to(tl.int32)
     coff = tl.load(chunk_off + n).to(tl.int64)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
+    v0 = iv * BV
     rt = tl.arange(0, 64)
-    vmask = rv < DV
-    smask = (rk < DK)[:, None] & vmask[None, :]
-    soff = rk[:, None] * DV + rv[None, :]
-    causal = rt[:, None] >= rt[None, :]
     dt = q.dtype.element_ty
     if HAS_H0:
-        S = tl.load(h0 + (n * HV + hv) * DK * DV + soff, mask=smask, other=0.0).to(tl.float32)
+        S = _state_load(h0, n, hv, HV, DK, DV, v0, BK, BV).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    for ci in range(tl.cdiv(eos - bos, 64)):
-        t = bos + ci * 64 + rt
+    for ci in range(tl.cdiv(L, 64)):
+        r0 = ci * 64
+        t = bos + r0 + rt
         tm = t < eos
         if STORE_HS:
-            tl.store(hs + ((coff + ci) * HV + hv) * DK * DV + soff, S.to(hs.dtype.element_ty), mask=smask)
-        qb = _load_rows(q, t, tm, hk, HK, DK, rk, L2NORM) * scale
-        kb = _load_rows(k, t, tm, hk, HK, DK, rk, L2NORM)
-        vb = tl.load(v + (t[:, None] * HV + hv) * DV + rv[None, :], mask=tm[:, None] & vmask[None, :],
-                     other=0.0).to(tl.float32)
+            _state_store(hs, coff + ci, hv, HV, DK, DV, v0, BK, BV, S.to(hs.dtype.element_ty))
+        qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
+        kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+        fq = _row_factor(qd, L2NORM) * scale
+        fk = _row_factor(kd, L2NORM)
+        vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
         c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-        tb = tl.load(tinv + (t[:, None] * HV + hv) * 64 + rt[None, :], mask=tm[:, None], other=0.0)
+        tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
         gam = tl.exp(c)
-        kd = kb.to(dt)
         sd = S.to(dt)
         ks = tl.dot(kd, sd, input_precision=PREC)
-        d = tl.dot(tb, (bb[:, None] * (vb - gam[:, None] * ks)).to(dt), input_precision=PREC).to(dt)
-        p = tl.dot(qb.to(dt), tl.trans(kd), input_precision=PREC) * _decay_matrix(c, causal)
-        ob = tl.dot((qb * gam[:, None]).to(dt), sd, input_precision=PREC) + tl.dot(p.to(dt), d, input_precision=PREC)
-        tl.store(o + (t[:, None] * HV + hv) * DV + rv[None, :], ob.to(o.dtype.element_ty),
-                 mask=tm[:, None] & vmask[None, :])
-        S = S * tl.exp(c_last) + tl.dot(tl.trans((kb * tl.exp(c_last - c)[:, None]).to(dt)), d, input_precision=PREC)
+        df = tl.dot(tb, (bb[:, None] * (vb - (gam * fk)[:, None] * ks)).to(dt), input_precision=PREC)
+        p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+            * _decay_matrix(c, rt[:, None] >= rt[None, :])
+        ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
+            + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
+        _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
+        S = S * tl.exp(c_last) + tl.dot(tl.trans(kd), (df * (tl.exp(c_last - c) * fk)[:, None]).to(dt),
+                                        input_precision=PREC)
     if STORE_HT:
-        tl.store(ht + (n * HV + hv) * DK * DV + soff, S, mask=smask)
+        _state_store(ht, n, hv, HV, DK, DV, v0, BK, BV, S)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,41 +319,40 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, do, dht, dh0, dhs, cu, chunk_of
     hk = hv // (HV // HK)
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
+    L = (eos - bos).to(tl.int32)
     coff = tl.load(chunk_off + n).to(tl.int64)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
+    v0 = iv * BV
     rt = tl.arange(0, 64)
-    vmask = rv < DV
-    smask = (rk < DK)[:, None] & vmask[None, :]
-    soff = rk[:, None] * DV + rv[None, :]
-    causal = rt[:, None] >= rt[None, :]
     dt = q.dtype.element_ty
     if HAS_DHT:
-        dS = tl.load(dht + (n * HV + hv) * DK * DV + soff, mask=smask, other=0.0).to(tl.float32)
+        dS = _state_load(dht, n, hv, HV, DK, DV, v0, BK, BV).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
-    nc = tl.cdiv(eos - bos, 64)
+    nc = tl.cdiv(L, 64)
     for i in range(nc):
         ci = nc - 1 - i
-        tl.store(dhs + ((coff + ci) * HV + hv) * DK * DV + soff, dS.to(dhs.dtype.element_ty), mask=smask)
-        t = bos + ci * 64 + rt
+        r0 = ci * 64
+        _state_store(dhs, coff + ci, hv, HV, DK, DV, v0, BK, BV, dS.to(dhs.dtype.element_ty))
+        t = bos + r0 + rt
         tm = t < eos
-        qb = _load_rows(q, t, tm, hk, HK, DK, rk, L2NORM) * scale
-        kb = _load_rows(k, t, tm, hk, HK, DK, rk, L2NORM)
+        qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
+        kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+        fq = _row_factor(qd, L2NORM) * scale
+        fk = _row_factor(kd, L2NORM)
         c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-        tb = tl.load(tinv + (t[:, None] * HV + hv) * 64 + rt[None, :], mask=tm[:, None], other=0.0)
-        dob = tl.load(do + (t[:, None] * HV + hv) * DV + rv[None, :], mask=tm[:, None] & vmask[None, :],
-                      other=0.0).to(dt)
+        tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
         gam = tl.exp(c)
-        kd = kb.to(dt)
-        p = tl.dot(qb.to(dt), tl.trans(kd), input_precision=PREC) * _decay_matrix(c, causal)
+        p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+            * _decay_matrix(c, rt[:, None] >= rt[None, :])
         dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
-            + tl.dot((kb * tl.exp(c_last - c)[:, None]).to(dt), dS.to(dt), input_precision=PREC)
+            + (tl.exp(c_last - c) * fk)[:, None] * tl.dot(kd, dS.to(dt), input_precision=PREC)
         y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
-        dS = dS * tl.exp(c_last) + tl.dot(tl.trans((qb * gam[:, None]).to(dt)), dob, input_precision=PREC) \
-            - tl.dot(tl.trans((kb * (bb * gam)[:, None]).to(dt)), y.to(dt), input_precision=PREC)
+        dS = dS * tl.exp(c_last) \
+            + tl.dot(tl.trans(qd), (dob.to(tl.float32) * (gam * fq)[:, None]).to(dt), input_precision=PREC) \
+            - tl.dot(tl.trans(kd), (y * (bb * gam * fk)[:, None]).to(dt), input_precision=PREC)
     if STORE_DH0:
-        tl.store(dh0 + (n * HV + hv) * DK * DV + soff, dS, mask=smask)
+        _state_store(dh0, n, hv, HV, DK, DV, v0, BK, BV, dS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,26 +368,22 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     n = tl.load(chunk_seq + cid)
     bos = tl.load(cu + n).to(tl.int64)
     eos = tl.load(cu + n + 1).to(tl.int64)
+    L = (eos - bos).to(tl.int32)
     rt = tl.arange(0, 64)
-    t = bos + tl.load(chunk_pos + cid).to(tl.int64) * 64 + rt
+    r0 = tl.load(chunk_pos + cid) * 64
+    t = bos + r0 + rt
     tm = t < eos
-    rk = tl.arange(0, BK)
-    kmask = rk < DK
-    causal = rt[:, None] >= rt[None, :]
-    strict = rt[:, None] > rt[None, :]
     dt = q.dtype.element_ty
-    qb = _load_rows(q, t, tm, hk, HK, DK, rk, L2NORM) * scale
-    kb = _load_rows(k, t, tm, hk, HK, DK, rk, L2NORM)
+    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    fq = _row_factor(qd, L2NORM) * scale
+    fk = _row_factor(kd, L2NORM)
     c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-    tb = tl.load(tinv + (t[:, None] * HV + hv) * 64 + rt[None, :], mask=tm[:, None], other=0.0)
+    tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
     gam = tl.exp(c)
     e = tl.exp(c_last - c)
-    decay = _decay_matrix(c, causal)
-    qd = qb.to(dt)
-    kd = kb.to(dt)
-    qk = tl.dot(qd, tl.trans(kd), input_precision=PREC)
-    pd = (qk * decay).to(dt)
-    ked = (kb * e[:, None]).to(dt)
+    pd = (tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :])
+          * _decay_matrix(c, rt[:, None] >= rt[None, :])).to(dt)                       # P, normalised q and k
     acc_q = tl.zeros([64, BK], dtype=tl.float32)      # exp(c) * (dO S^T)
     acc_k = tl.zeros([64, BK], dtype=tl.float32)      # e * (d dS'^T) - beta exp(c) * (y S^T)
     dp = tl.zeros([64, 64], dtype=tl.float32)         # dO d^T
@@ -321,57 +392,48 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     dc = tl.zeros([64], dtype=tl.float32)
     z = tl.zeros([64], dtype=tl.float32)
     s_ds = tl.zeros([BK], dtype=tl.float32)
-    sbase = (cid * HV + hv).to(tl.int64) * DK * DV
     for v0 in range(0, DV, BV):
-        rv = v0 + tl.arange(0, BV)
-        vmask = rv < DV
-        smask = kmask[:, None] & vmask[None, :]
-        soff = sbase + rk[:, None] * DV + rv[None, :]
-        sd = tl.load(hs + soff, mask=smask, other=0.0).to(dt)
-        dsd = tl.load(dhs + soff, mask=smask, other=0.0).to(dt)
-        toff = (t[:, None] * HV + hv) * DV + rv[None, :]
-        tvmask = tm[:, None] & vmask[None, :]
-        vb = tl.load(v + toff, mask=tvmask, other=0.0).to(tl.float32)
-        dob = tl.load(do + toff, mask=tvmask, other=0.0).to(dt)
-        ks = tl.dot(kd, sd, input_precision=PREC)
+        sd = _state_load(hs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
+        dsd = _state_load(dhs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
+        vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
+        dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
+        ks = fk[:, None] * tl.dot(kd, sd, input_precision=PREC)
         resid = vb - gam[:, None] * ks
         d = tl.dot(tb, (bb[:, None] * resid).to(dt), input_precision=PREC)
-        ke_ds = tl.dot(ked, dsd, input_precision=PREC)
-        ddv = tl.dot(tl.trans(pd), dob, input_precision=PREC) + ke_ds
-        y = tl.dot(tl.trans(tb), ddv.to(dt), input_precision=PREC)
-        tl.store(dv + toff, (bb[:, None] * y).to(dv.dtype.element_ty), mask=tvmask)
+        ke_ds = (e * fk)[:, None] * tl.dot(kd, dsd, input_precision=PREC)
+        y = tl.dot(tl.trans(tb), (tl.dot(tl.trans(pd), dob, input_precision=PREC) + ke_ds).to(dt),
+                   input_precision=PREC)
+        _tile_store(dv, bos, L, hv, HV, DV, r0, v0, 64, BV, (bb[:, None] * y).to(dv.dtype.element_ty))
         db += tl.sum(y * resid, 1)
         dc -= bb * gam * tl.sum(y * ks, 1)
         z += tl.sum(ke_ds * d, 1)
         s_ds += tl.sum(sd.to(tl.float32) * dsd.to(tl.float32), 1)
         d_d = d.to(dt)
-        y_d = y.to(dt)
         acc_q += tl.dot((dob.to(tl.float32) * gam[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
         acc_k += tl.dot((d * e[:, None]).to(dt), tl.trans(dsd), input_precision=PREC)
         acc_k -= tl.dot((y * (bb * gam)[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
         dp += tl.dot(dob, tl.trans(d_d), input_precision=PREC)
-        da -= tl.dot(y_d, tl.trans(d_d), input_precision=PREC)
+        da -= tl.dot(y.to(dt), tl.trans(d_d), input_precision=PREC)
+    # recomputed rather than kept live through the loop (registers)
+    decay = _decay_matrix(c, rt[:, None] >= rt[None, :])
+    qk = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :])
     dpe = dp * decay                                  # masked to j <= i by decay
-    dpe_d = dpe.to(dt)
-    dq_b = acc_q + tl.dot(dpe_d, kd, input_precision=PREC)
+    dq_b = acc_q + tl.dot((dpe * fk[None, :]).to(dt), kd, input_precision=PREC)
     m1 = dpe * qk
-    dc += tl.sum(qb * acc_q, 1) + tl.sum(m1, 1) - tl.sum(m1, 0) - z
-    ga = tl.where(strict, da * decay, 0.0)
-    ga_d = ga.to(dt)
-    kk = tl.dot(kd, tl.trans(kd), input_precision=PREC)
-    dk_b = tl.dot(tl.trans(dpe_d), qd, input_precision=PREC) + acc_k \
-        + bb[:, None] * tl.dot(ga_d, kd, input_precision=PREC) \
-        + tl.dot(tl.trans(ga_d), (kb * bb[:, None]).to(dt), input_precision=PREC)
+    dc += fq * tl.sum(qd.to(tl.float32) * acc_q, 1) + tl.sum(m1, 1) - tl.sum(m1, 0) - z
+    ga = da * _decay_matrix(c, rt[:, None] > rt[None, :])
+    kk = tl.dot(kd, tl.trans(kd), input_precision=PREC) * (fk[:, None] * fk[None, :])
+    dk_b = tl.dot(tl.trans((dpe * fq[:, None]).to(dt)), qd, input_precision=PREC) + acc_k \
+        + bb[:, None] * tl.dot((ga * fk[None, :]).to(dt), kd, input_precision=PREC) \
+        + tl.dot(tl.trans((ga * (bb * fk)[:, None]).to(dt)), kd, input_precision=PREC)
     m2 = ga * kk
     db += tl.sum(m2, 1)
     m3 = m2 * bb[:, None]
     dc += tl.sum(m3, 1) - tl.sum(m3, 0)
     dc += tl.where(rt == 63, tl.exp(c_last) * tl.sum(s_ds, 0) + tl.sum(z, 0), 0.0)
     dgv = tl.sum(dc, 0) - tl.cumsum(dc, 0) + dc        # dg_m = sum_{i >= m} dc_i
-    qoff = (t[:, None] * HV + hv) * DK + rk[None, :]
-    qmask = tm[:, None] & kmask[None, :]
-    tl.store(dq + qoff, dq_b * scale, mask=qmask)
-    tl.store(dk + qoff, dk_b, mask=qmask)
+    _tile_store(dq, bos, L, hv, HV, DK, r0, 0, 64, BK, dq_b * scale)
+    _tile_store(dk, bos, L, hv, HV, DK, r0, 0, 64, BK, dk_b)
     tl.store(dg + t * HV + hv, dgv, mask=tm)
     tl.store(dbeta + t * HV + hv, db, mask=tm)
 
@@ -476,7 +538,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
     if layout.NC:
         _chunk_inverse_kernel[(layout.NC, HV)](k, g, beta, tinv, layout.cu, layout.chunk_seq, layout.chunk_pos,
-                                               HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec, num_warps=4)
+                                               HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
+                                               num_warps=4)
     o = torch.empty_like(v)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NC, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
