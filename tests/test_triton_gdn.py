@@ -1,0 +1,193 @@
+"""Triton kernels of the Gated DeltaNet layer against their plain-PyTorch references, forward and gradients.
+
+Runs on the CPU through Triton's interpreter (fp32: the interpreter's bf16 products are wrong), at small
+sizes: chunk boundaries (T = 1, 63, 64, 65), packed sequences incl. an empty one, GVA ratios 1 and 2.
+bf16 on the GPU is checked by benchmarks/gdn_gpu.py.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
+
+import qwen3next.ops as ops  # noqa: E402
+from qwen3next.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
+from qwen3next.ops.gated_delta import (  # noqa: E402
+    chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_update_ref,
+)
+from qwen3next.ops.norms import gated_rms_norm_ref, l2_norm_ref, rms_norm_ref  # noqa: E402
+from qwen3next.ops.triton import conv as tconv  # noqa: E402
+from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
+from qwen3next.ops.triton import norms as tnorms  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1: the kernels cannot run", allow_module_level=True)
+
+FWD_TOL = 1e-5   # fp32, exact math
+GRAD_TOL = 3e-5  # fp32 through chains of products (dq/dk collect ~10 product terms)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert not torch.isnan(a).any(), "NaN in the kernel's result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def gdn_inputs(T, HK, r, DK, DV, N, l2norm, seed):
+    """Fresh random inputs; without the in-kernel norm q and k arrive L2-normalised (as the model's are)."""
+    gen = torch.Generator().manual_seed(seed)
+    HV = HK * r
+    B = 1 if N is None else N
+    q = torch.randn(B, T, HK, DK, generator=gen)
+    k = torch.randn(B, T, HK, DK, generator=gen)
+    if not l2norm:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    v = torch.randn(B, T, HV, DV, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2.0)
+    beta = torch.rand(B, T, HV, generator=gen)
+    return [x.to(DEVICE).requires_grad_() for x in (q, k, v, g, beta)]
+
+
+def check_chunk(T, HK, r, l2norm, cu_seqlens=None, DK=32, DV=16, seed=0):
+    N = 1 if cu_seqlens is None else len(cu_seqlens) - 1
+    q, k, v, g, beta = gdn_inputs(T, HK, r, DK, DV, None if cu_seqlens is not None else 2, l2norm, seed)
+    if cu_seqlens is None:
+        N = 2
+    gen = torch.Generator().manual_seed(seed + 1)
+    h0 = torch.randn(N, HK * r, DK, DV, generator=gen).to(DEVICE).requires_grad_()
+    inputs = (q, k, v, g, beta, h0)
+    kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=l2norm, cu_seqlens=cu_seqlens)
+    o, s = tgd.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+    o_ref, s_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, **kw)
+    assert o.shape == o_ref.shape and s.shape == s_ref.shape and s.dtype == torch.float32
+    assert rel(o, o_ref) < FWD_TOL and rel(s, s_ref) < FWD_TOL
+    do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    grads = torch.autograd.grad((o * do).sum() + (s * ds).sum(), inputs)
+    grads_ref = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), inputs)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_ref):
+        assert rel(a, b) < GRAD_TOL, f"{name}: rel err {rel(a, b):.2e}"
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65])
+@pytest.mark.parametrize("r", [1, 2])
+def test_chunk_gated_delta_rule_matches_reference(T, r):
+    check_chunk(T, HK=1, r=r, l2norm=(T % 2 == 1), seed=T + 10 * r)
+
+
+@pytest.mark.parametrize("r", [1, 2])
+def test_chunk_gated_delta_rule_varlen(r):
+    cu = torch.tensor([0, 1, 64, 64, 129, 192], dtype=torch.int32, device=DEVICE)  # 1, 63, 0, 65, 63 steps
+    check_chunk(192, HK=1, r=r, l2norm=True, cu_seqlens=cu, seed=r)
+
+
+def test_chunk_without_state_and_gradients_of_inputs_only():
+    q, k, v, g, beta = gdn_inputs(70, 1, 1, 16, 16, 1, True, seed=3)
+    o, s = tgd.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    o_ref, _ = chunk_gated_delta_rule_ref(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    assert s is None and rel(o, o_ref) < FWD_TOL
+    grads = torch.autograd.grad(o.square().sum(), (q, k, v, g, beta))
+    grads_ref = torch.autograd.grad(o_ref.square().sum(), (q, k, v, g, beta))
+    assert all(rel(a, b) < GRAD_TOL for a, b in zip(grads, grads_ref))
+
+
+@pytest.mark.parametrize("cu", [None, [0, 3, 3, 7]])
+def test_fused_recurrent_matches_reference(cu):
+    cu_t = torch.tensor(cu, device=DEVICE) if cu is not None else None
+    q, k, v, g, beta = (x.detach() for x in gdn_inputs(7, 2, 2, 16, 16, 1 if cu else 2, True, seed=5))
+    h0 = torch.randn(3 if cu else 2, 4, 16, 16, device=DEVICE)
+    kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_t)
+    o, s = tgd.fused_recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+    o_ref, s_ref = recurrent_gated_delta_rule_ref(q, k, v, g, beta, **kw)
+    assert rel(o, o_ref) < FWD_TOL and rel(s, s_ref) < FWD_TOL
+
+
+def test_pool_update_in_place_skips_padding():
+    q, k, v, g, beta = (x.detach() for x in gdn_inputs(2, 1, 2, 16, 16, 3, False, seed=7))
+    pool = torch.randn(5, 2, 16, 16, device=DEVICE)
+    pool_ref, pool_before = pool.clone(), pool.clone()
+    idx = torch.tensor([3, -1, 0], dtype=torch.int32, device=DEVICE)
+    o = tgd.recurrent_gated_delta_rule_update(q, k, v, g, beta, pool, idx)
+    o_ref = recurrent_gated_delta_rule_update_ref(q, k, v, g, beta, pool_ref, idx)
+    assert rel(o, o_ref) < FWD_TOL and rel(pool, pool_ref) < FWD_TOL
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    assert not torch.equal(pool[[0, 3]], pool_before[[0, 3]])         # updated in place
+    assert torch.equal(pool[[1, 2, 4]], pool_before[[1, 2, 4]])       # other rows untouched
+
+
+def test_bad_inputs_get_clear_errors():
+    q, k, v, g, beta = gdn_inputs(4, 1, 1, 16, 16, 1, False, seed=0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        tgd.chunk_gated_delta_rule(q, k, v.detach().double(), g, beta)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        tgd.fused_recurrent_gated_delta_rule(q, k, v, g, beta)
+    with pytest.raises(ValueError, match="state_pool"):
+        tgd.recurrent_gated_delta_rule_update(*(x.detach() for x in (q, k, v, g, beta)),
+                                              torch.zeros(2, 1, 16, 8), torch.zeros(1, dtype=torch.int32))
+
+
+def test_dispatch_uses_the_kernels(monkeypatch):
+    monkeypatch.setenv("QWEN3NEXT_BACKEND", "triton")
+    called = []
+    real = tgd.chunk_gated_delta_rule
+    monkeypatch.setattr(tgd, "chunk_gated_delta_rule", lambda *a, **kw: called.append(1) or real(*a, **kw))
+    q, k, v, g, beta = (x.detach() for x in gdn_inputs(5, 1, 1, 16, 16, 1, False, seed=1))
+    o, _ = ops.chunk_gated_delta_rule(q, k, v, g, beta)
+    assert called and rel(o, chunk_gated_delta_rule_ref(q, k, v, g, beta)[0]) < FWD_TOL
+
+
+# ---------------------------------------------------------------------------------------------------- conv
+
+
+@pytest.mark.parametrize("cu", [None, [0, 1, 5, 70, 75]])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_causal_conv1d_matches_reference(cu, with_state, activation):
+    torch.manual_seed(len(cu or []) + 2 * with_state)
+    B, T, C, K = (2, 67, 48, 4) if cu is None else (1, 75, 48, 4)
+    cu_t = torch.tensor(cu, device=DEVICE) if cu is not None else None
+    N = B if cu is None else len(cu) - 1
+    x = torch.randn(B, T, C, device=DEVICE, requires_grad=True)
+    w = torch.randn(C, K, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(N, C, K - 1, device=DEVICE, requires_grad=True) if with_state else None
+    y, f = tconv.causal_conv1d(x, w, h0, True, cu_t, activation)
+    y_ref, f_ref = causal_conv1d_ref(x, w, h0, True, cu_t, activation)
+    assert rel(y, y_ref) < FWD_TOL and torch.equal(f, f_ref)
+    dy, df = torch.randn_like(y), torch.randn_like(f)
+    inputs = [x, w] + ([h0] if with_state else [])
+    grads = torch.autograd.grad((y * dy).sum() + (f * df).sum(), inputs)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (f_ref * df).sum(), inputs)
+    assert all(rel(a, b) < FWD_TOL for a, b in zip(grads, grads_ref))
+
+
+def test_causal_conv1d_update_matches_reference():
+    torch.manual_seed(0)
+    state = torch.randn(3, 40, 3, device=DEVICE)
+    state_ref = state.clone()
+    x, w = torch.randn(3, 40, device=DEVICE), torch.randn(40, 4, device=DEVICE)
+    y = tconv.causal_conv1d_update(x, state, w)
+    assert rel(y, causal_conv1d_update_ref(x, state_ref, w)) < FWD_TOL and torch.equal(state, state_ref)
+
+
+# ---------------------------------------------------------------------------------------------------- norms
+
+
+@pytest.mark.parametrize("D", [40, 130])
+def test_norms_match_reference(D):
+    torch.manual_seed(D)
+    x = torch.randn(3, 7, D, device=DEVICE, requires_grad=True)
+    z = torch.randn(3, 7, D, device=DEVICE, requires_grad=True)
+    w = torch.randn(D, device=DEVICE, requires_grad=True)
+    for ours, ref, args in ((tnorms.rms_norm, rms_norm_ref, (x, w)), (tnorms.gated_rms_norm, gated_rms_norm_ref, (x, z, w)),
+                            (tnorms.l2_norm, l2_norm_ref, (x,))):
+        y, y_ref = ours(*args), ref(*args)
+        assert rel(y, y_ref) < FWD_TOL
+        dy = torch.randn_like(y)
+        grads, grads_ref = torch.autograd.grad(y, args, dy), torch.autograd.grad(y_ref, args, dy)
+        assert all(rel(a, b) < FWD_TOL for a, b in zip(grads, grads_ref)), ours.__name__
