@@ -9,6 +9,7 @@ import time
 
 from .config import FULL, PRESETS, Qwen3NextConfig
 from .model import cache_bytes_per_sequence, count_parameters
+from .train.cli import add_commands as add_train_commands
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16, ... (default: the checkpoint's)")
     p.set_defaults(func=cmd_generate)
+    add_train_commands(sub)
     return parser
 
 
