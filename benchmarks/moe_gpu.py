@@ -233,64 +233,90 @@ def bench(shape, device, tokens, peak, bw, log):
         ours_ms = cells["ours"]
         table.append(f"| {n} | {p} | " + " | ".join(fmt(cells[l]) for l in labels)
                      + f" | {floor:.3f} | {ours_ms / floor:.1f}x |")
-    return block, "\n".join(table)
+    return block, config, "\n".join(table)
 
 
-def graph_replay(block, shape, device, log):
-    """Our 1-token forward captured in a CUDA graph (what a generation loop would replay)."""
-    fn = our_block(block, ops.moe_experts)
+def graph_replay(block, config, shape, device, log):
+    """1-token forward captured in a CUDA graph (what a generation loop replays): GPU time, no launch cost."""
     x = torch.randn(1, 1, shape[0], device=device, dtype=torch.bfloat16)
-    with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn(x)
-    log(f"ours 1 token fwd, CUDA graph replay: {timer(graph.replay, device):.4f} ms")
+
+    def theirs(impl):
+        def run(x):
+            config._experts_implementation = impl
+            return block(x)
+        return run
+
+    for label, fn in (("ours", our_block(block, ops.moe_experts)), ("hf batched_mm", theirs("batched_mm")),
+                      ("hf grouped_mm", theirs("grouped_mm"))):
+        try:
+            with torch.no_grad():
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    fn(x)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn(x)
+            log(f"1 token fwd, CUDA graph replay: {label} {timer(graph.replay, device):.4f} ms")
+        except Exception as exc:
+            log(f"1 token fwd, CUDA graph: {label} failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
-def sweep(shape, device, log):
-    """Tile configurations of our grouped kernels at 8192 tokens (forward GEMMs and weight gradients)."""
+def sweep(shape, device, log, n=8192):
+    """Tile configurations of our grouped kernels at 8192 tokens, and torch._grouped_mm for the same GEMMs."""
     from qwen3next.ops.moe import sort_by_expert
     from qwen3next.ops.triton import moe
 
     D, E, k, I, _ = shape
-    n = 8192
     M = n * k
     x = torch.randn(n, D, device=device, dtype=torch.bfloat16)
     gate_up = torch.randn(E, 2 * I, D, device=device, dtype=torch.bfloat16) * D**-0.5
     down = torch.randn(E, D, I, device=device, dtype=torch.bfloat16) * I**-0.5
     weights, ids = ops.route(torch.randn(n, E, device=device, dtype=torch.bfloat16), k, True)
-    order, ends = sort_by_expert(ids, E)
+    w_flat = weights.reshape(-1)
+    order, ends = moe._sort_by_expert(ids, E)
     act, h, rows = x.new_empty(M, I), x.new_empty(M, 2 * I), x.new_empty(M, D)
     gu, dn = gate_up.stride(), down.stride()
-    log(f"sort_by_expert: {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
-        f"k-sum: {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms")
-    configs = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-               dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-               dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)]
-    for cfg in configs:
-        t_gu = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
-                                               swiglu_up_offset=I * gu[1], config=cfg), device)
-        t_guh = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
-                                                swiglu_up_offset=I * gu[1], h=h, config=cfg), device)
+    log(f"sort: triton {timer(lambda: moe._sort_by_expert(ids, E), device):.3f} ms, "
+        f"torch {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
+        f"k-sum {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms")
+    cfg = lambda bm, bn, bk, w, s: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)  # noqa
+    for c in [cfg(128, 64, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(64, 64, 128, 4, 3), cfg(128, 32, 64, 4, 4),
+              cfg(64, 64, 64, 4, 4)]:
+        t = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
+                                            swiglu_up_offset=I * gu[1], config=c), device)
+        th = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
+                                             swiglu_up_offset=I * gu[1], h=h, config=c), device)
+        log(f"gate_up {c}: {t:.3f} ms (+h {th:.3f}), {2 * M * D * 2 * I / t / 1e9:.0f} TFLOP/s")
+    for c in [cfg(64, 128, 64, 8, 3), cfg(128, 128, 64, 8, 3), cfg(64, 256, 64, 8, 3), cfg(128, 64, 64, 4, 4)]:
         t_dn = timer(lambda: moe._grouped_gemm(act, down, order, ends, D, I, dn, rows, top_k=k, scatter=True,
-                                               scale=weights.reshape(-1), config=cfg), device)
+                                               scale=w_flat, config=c), device)
         t_dx = timer(lambda: moe._grouped_gemm(h, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), rows,
-                                               top_k=k, scatter=True, config=cfg), device)
-        log(f"gemm {cfg}: gate_up {t_gu:.3f} (+h {t_guh:.3f}), down {t_dn:.3f}, dx {t_dx:.3f} ms "
-            f"(gate_up {2 * M * D * 2 * I / t_gu / 1e9:.0f} TFLOP/s)")
+                                               top_k=k, scatter=True, config=c), device)
+        t_da = timer(lambda: moe._grouped_gemm(x, down, order, ends, I, D, (dn[0], dn[2], dn[1]), act, top_k=k,
+                                               gather_a=True, config=c), device)
+        log(f"gemm {c}: down {t_dn:.3f}, dx {t_dx:.3f}, dact {t_da:.3f} ms")
     dgu, ddn = torch.empty_like(gate_up), torch.empty_like(down)
-    for cfg in [dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=8, num_stages=3),
-                dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=64, num_warps=8, num_stages=3),
-                dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, num_warps=4, num_stages=4)]:
-        t1 = timer(lambda: moe._grouped_wgrad(h, x, order, ends, dgu, top_k=k, gather_a=True, config=cfg), device)
-        t2 = timer(lambda: moe._grouped_wgrad(rows, act, order, ends, ddn, top_k=k, gather_g=True,
-                                              scale=weights.reshape(-1), config=cfg), device)
-        log(f"wgrad {cfg}: dgate_up {t1:.3f}, ddown {t2:.3f} ms")
+    wc = lambda bn, bk, br, w, s: dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=s)  # noqa
+    for c in [wc(128, 128, 64, 8, 3), wc(256, 128, 64, 8, 3), wc(128, 256, 64, 8, 3), wc(128, 128, 32, 8, 4),
+              wc(64, 128, 64, 4, 4)]:
+        t1 = timer(lambda: moe._grouped_wgrad(h, x, order, ends, dgu, top_k=k, gather_a=True, config=c), device)
+        t2 = timer(lambda: moe._grouped_wgrad(x, act, order, ends, ddn, top_k=k, gather_g=True, scale=w_flat,
+                                              config=c), device)
+        log(f"wgrad {c}: dgate_up {t1:.3f}, ddown {t2:.3f} ms")
+    if hasattr(torch, "_grouped_mm"):
+        try:
+            token = order // k
+            xg = x[token]
+            log(f"torch: gather x rows {timer(lambda: x[token], device):.3f}, "
+                f"gate_up {timer(lambda: torch._grouped_mm(xg, gate_up.transpose(1, 2), offs=ends), device):.3f}, "
+                f"down {timer(lambda: torch._grouped_mm(act, down.transpose(1, 2), offs=ends), device):.3f}, "
+                f"dx {timer(lambda: torch._grouped_mm(h, gate_up, offs=ends), device):.3f}, "
+                f"dgate_up {timer(lambda: torch._grouped_mm(h.t(), xg, offs=ends), device):.3f}, "
+                f"ddown {timer(lambda: torch._grouped_mm(rows.t(), act, offs=ends), device):.3f} ms")
+        except Exception as exc:
+            log(f"torch._grouped_mm sweep failed: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def profile(block, shape, device, log, out_dir):
@@ -304,6 +330,8 @@ def profile(block, shape, device, log, out_dir):
     with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             fn(x).backward(dout)
+            for p in list(block.parameters()) + [x]:
+                p.grad = None
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     log("profile of ours, 8192 tokens fwd+bwd, 3 iterations:\n" + table)
@@ -337,15 +365,18 @@ def main():
     if "check" not in args.skip:
         check(shape, device, log)
     peak, bw = ceilings(device, log) if device.type == "cuda" else (1e12, 1e11)
-    block, table = bench(shape, device, tokens, peak, bw, log)
+    block, config, table = bench(shape, device, tokens, peak, bw, log)
     if device.type == "cuda":
-        graph_replay(block, shape, device, log)
+        extras = [lambda: graph_replay(block, config, shape, device, log)]
         if "profile" not in args.skip:
-            profile(block, shape, device, log, args.out)
-        del block
-        torch.cuda.empty_cache()
+            extras.append(lambda: profile(block, shape, device, log, args.out))
         if "sweep" not in args.skip:
-            sweep(shape, device, log)
+            extras.append(lambda: sweep(shape, device, log))
+        for extra in extras:
+            try:
+                extra()
+            except Exception as exc:  # the table below is the result; an extra failing must not lose it
+                log(f"{type(exc).__name__}: {str(exc)[:300]}")
     log("\n" + table)
 
 

@@ -13,7 +13,7 @@ import torch
 from conftest import rel_err
 
 from qwen3next import ops
-from qwen3next.ops.moe import check_route_inputs, moe_experts_grouped, moe_experts_ref, route_ref
+from qwen3next.ops.moe import check_route_inputs, moe_experts_grouped, moe_experts_ref, route_ref, sort_by_expert
 
 FP32_TOL = 1e-5
 
@@ -142,3 +142,13 @@ def test_bad_inputs_raise_clear_errors():
         moe.route(torch.randn(3, 4), 0, True)
     with pytest.raises(ValueError, match="share a dtype"):
         moe.moe_experts(x.double(), gate_up, down, weights, ids)
+
+
+@pytest.mark.parametrize("N,k,E", [(37, 3, 8), (29, 2, 16), (5, 4, 4), (1, 1, 3)])
+def test_triton_sort_matches_torch_sort(N, k, E):
+    moe = _triton_moe()
+    ids = torch.randint(0, E, (N, k), generator=torch.Generator().manual_seed(N))
+    ids[:, 0] = ids[:, 0] // 2 * 2  # leave some experts with few or no rows
+    order, ends = moe._sort_by_expert(ids, E)
+    want_order, want_ends = sort_by_expert(ids, E)
+    assert torch.equal(order, want_order) and torch.equal(ends, want_ends)
