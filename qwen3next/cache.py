@@ -36,6 +36,16 @@ class LinearLayerCache:
         self.conv_state = self.conv_state[rows]
         self.recurrent_state = self.recurrent_state[rows]
 
+    def head(self, n: int) -> "LinearLayerCache":
+        view = copy.copy(self)
+        view.conv_state, view.recurrent_state = self.conv_state[:n], self.recurrent_state[:n]
+        return view
+
+    def reset(self) -> None:
+        for t in self.tensors():
+            t.zero_()
+        self.filled = False
+
 
 class AttentionLayerCache:
     def __init__(self, config: Qwen3NextConfig, batch_size: int, max_length: int, dtype, device):
@@ -60,6 +70,16 @@ class AttentionLayerCache:
     def select(self, rows: torch.Tensor) -> None:
         self.key = self.key[rows]
         self.value = self.value[rows]
+
+    def head(self, n: int) -> "AttentionLayerCache":
+        view = copy.copy(self)
+        view.key, view.value = self.key[:n], self.value[:n]
+        return view
+
+    def reset(self) -> None:
+        for t in self.tensors():
+            t.zero_()
+        self.length = 0
 
 
 class HybridCache:
@@ -100,6 +120,19 @@ class HybridCache:
         rows = torch.as_tensor(rows, device=self.layers[0].tensors()[0].device)
         for layer in self.layers:
             layer.select(rows)
+
+    def head(self, n: int) -> "HybridCache":
+        """A cache of the first `n` rows sharing this one's storage: what is written through it lands here
+        (a decode step over fewer rows keeps the tensors' addresses, as a captured CUDA graph needs)."""
+        view = copy.copy(self)
+        view.layers = [layer.head(n) for layer in self.layers]
+        return view
+
+    def reset(self) -> None:
+        """Empty the cache in place (zeros, no positions filled), keeping every tensor's storage."""
+        for layer in self.layers:
+            layer.reset()
+        self.seq_length = 0
 
     def snapshot(self) -> "HybridCache":
         """An independent copy (e.g. the state after a shared prompt prefix, to reuse for many continuations)."""

@@ -144,7 +144,7 @@ def cmd_generate(args) -> int:
         out = model.generate(
             input_ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            eos_token_id=eos, streamer=stream,
+            eos_token_id=eos, streamer=stream, decode=args.decode,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--decode", choices=["auto", "graph", "static", "eager"], default="auto",
+                   help="decode loop: auto (default) = CUDA graphs on CUDA, eager on the CPU; 'static' or "
+                        "'eager' turn the graphs off")
     p.set_defaults(func=cmd_generate)
     add_train_commands(sub)
     return parser

@@ -1,13 +1,24 @@
-"""Autoregressive generation over a HybridCache: prefill with the chunked form, then one-token steps
-with the recurrent form; greedy or sampled (temperature, top-k, top-p, min-p, repetition penalty)."""
+"""Autoregressive generation over a HybridCache: the prompt through the cache in chunks (bounded memory,
+logits of the last position only), then one-token steps; greedy or sampled (temperature, top-k, top-p,
+min-p, repetition penalty).
+
+Two decode loops share the prefill and the token choice (`select_tokens`):
+  * "eager": `model(...)` with the cache, a step at a time (any device);
+  * "static" / "graph": `qwen3next.decode.StaticDecoder`, the graph-safe step over static buffers, replayed
+    from CUDA graphs in "graph" mode. "auto" (the default) is "graph" on CUDA and "eager" elsewhere.
+Greedy decoding gives the same tokens either way (up to rounding of near-ties in low precision).
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
 
 from .cache import HybridCache
+
+DECODE_MODES = ("auto", "graph", "static", "eager")
 
 
 def process_logits(
@@ -38,6 +49,54 @@ def process_logits(
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
     return logits
+
+
+def select_tokens(
+    logits: torch.Tensor, previous: torch.Tensor | None, greedy: bool, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+    repetition_penalty: float | None = None, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token of each row: logits [B, V], previous ids [B, T] (for the repetition penalty) -> [B].
+
+    Greedy: argmax after the penalty. Sampled: `process_logits`, then a draw from the softmax as
+    argmax(p / E) with E ~ Exp(1) i.i.d., which is what `torch.multinomial(p, 1)` does on the CPU (same
+    generator stream, same tokens), without its host synchronisation: safe inside a CUDA graph."""
+    scores = process_logits(
+        logits, previous, temperature=1.0 if greedy else temperature, top_k=None if greedy else top_k,
+        top_p=None if greedy else top_p, min_p=None if greedy else min_p, repetition_penalty=repetition_penalty,
+    )
+    if greedy:
+        return scores.argmax(-1)
+    probs = scores.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+
+
+def prefill_chunk_length(model, batch_size: int, total_length: int, padded: bool, chunk_size: int) -> int:
+    """Tokens per prefill chunk. Without padding, attention runs causal (flash) and `chunk_size` bounds the
+    activations; with padding it runs under a materialised [B, H, chunk, S] mask and scores, so the chunk
+    also keeps those under 2^28 elements (1 GiB of fp32 scores)."""
+    if not padded:
+        return chunk_size
+    per_token = batch_size * model.config.num_attention_heads * total_length
+    return max(64, min(chunk_size, (1 << 28) // per_token))
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HybridCache,
+            chunk_size: int = 8192) -> torch.Tensor:
+    """Run the prompt input_ids [B, T] (attention_mask [B, T], left padding) through an empty `cache` in
+    chunks; return the logits [B, V] of the last position. Peak memory grows with the chunk, not with T
+    (no [T, V] logits, no load-balancing loss); the cache ends as after one forward over the whole prompt."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, T = input_ids.shape
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    step = prefill_chunk_length(model, B, T, padded, chunk_size)
+    for start in range(0, T, step):
+        end = min(start + step, T)
+        mask = attention_mask[:, :end] if padded else None
+        hidden, _ = model.model(input_ids[:, start:end], mask, None, cache)
+    return model.lm_head(hidden[:, -1])
 
 
 def _validate(model, input_ids, attention_mask, max_new_tokens):
@@ -78,37 +137,55 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    decode: str = "auto",
+    prefill_chunk_size: int = 8192,
 ) -> torch.Tensor:
     """Continue each prompt of `input_ids` [B, T] (left-padded where `attention_mask` has zeros) by up to
     `max_new_tokens` tokens. Returns [B, T + n] (prompt then new tokens, n <= max_new_tokens: generation
     stops once every row has produced one of `eos_token_id`; later positions of finished rows hold
     `pad_token_id`). Greedy unless `do_sample` (temperature 0 is greedy too). `streamer(tokens [B])` is
-    called with each step's tokens. Defaults for eos/pad come from the model's config."""
+    called with each step's tokens. Defaults for eos/pad come from the model's config.
+
+    decode: "auto" (CUDA graphs on CUDA, else eager), "graph", "static" (the graph-safe step, not captured)
+    or "eager" (see the module docstring). The prompt runs through the cache `prefill_chunk_size` tokens
+    at a time."""
     _validate(model, input_ids, attention_mask, max_new_tokens)
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+    if decode == "auto":
+        decode = "graph" if input_ids.is_cuda else "eager"
+    if decode == "graph" and not input_ids.is_cuda:
+        raise ValueError("decode='graph' needs CUDA tensors; use 'static' or 'eager' on the CPU")
     config = model.config
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device)
+    eos = torch.tensor([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device,
+                       dtype=torch.long)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     greedy = not do_sample or temperature == 0
+    choose = functools.partial(
+        select_tokens, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, generator=generator,
+    )
     B, T = input_ids.shape
+    mask = attention_mask.to(input_ids.device).long() if attention_mask is not None else None
+    if decode != "eager":
+        from .decode import StaticDecoder
+
+        decoder = StaticDecoder(model, B, T + max_new_tokens, choose, eos, pad_token_id,
+                                use_graphs=decode == "graph", generator=generator)
+        logits = prefill(model, input_ids, mask, decoder.cache, prefill_chunk_size)
+        return decoder.generate(input_ids, mask, logits, max_new_tokens, streamer)
+
     dtype = next(model.parameters()).dtype
     cache = HybridCache(config, B, T + max_new_tokens, dtype=dtype, device=input_ids.device)
-    mask = attention_mask.to(input_ids.device).long() if attention_mask is not None else None
-
+    logits = prefill(model, input_ids, mask, cache, prefill_chunk_size)
     tokens = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    step_input = input_ids
-    for _ in range(max_new_tokens):
-        logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
-        scores = process_logits(
-            logits, tokens, temperature=1.0 if greedy else temperature, top_k=None if greedy else top_k,
-            top_p=None if greedy else top_p, min_p=None if greedy else min_p, repetition_penalty=repetition_penalty,
-        )
-        if greedy:
-            next_tokens = scores.argmax(-1)
-        else:
-            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+    for step in range(max_new_tokens):
+        if step:
+            logits = model(tokens[:, -1:], attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        next_tokens = choose(logits, tokens)
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         if streamer is not None:
@@ -117,7 +194,6 @@ def generate(
             finished |= torch.isin(next_tokens, eos)
             if bool(finished.all()):
                 break
-        step_input = next_tokens[:, None]
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return tokens

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from . import ops
 from .config import FULL, LINEAR, Qwen3NextConfig
@@ -131,6 +132,25 @@ class GatedDeltaNet(nn.Module):
         v, z = v.reshape(B, T, self.num_v_heads, dv), z.reshape(B, T, self.num_v_heads, dv)
         return q, k, v, z, b.reshape(B, T, self.num_v_heads), a.reshape(B, T, self.num_v_heads)
 
+    def split_mixed(self, mixed: torch.Tensor):
+        """The conv output [B, T, 2 Hk dk + Hv dv] -> q, k [B, T, Hk, dk], v [B, T, Hv, dv]."""
+        B, T, _ = mixed.shape
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
+                v.reshape(B, T, self.num_v_heads, self.head_v_dim))
+
+    def gates(self, b: torch.Tensor, a: torch.Tensor, token_mask=None):
+        """b, a [B, T, Hv] -> (beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias)), fp32 (fp64 in an
+        fp64 model); a padding step (token_mask 0) gets beta = g = 0, which leaves the state unchanged."""
+        if self.clip_val is not None:
+            b = b.clamp(-self.clip_val, self.clip_val)
+        gate_dtype = torch.promote_types(b.dtype, torch.float32)
+        beta = torch.sigmoid(b.to(gate_dtype))
+        g = -self.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + self.dt_bias.to(gate_dtype))
+        if token_mask is not None:
+            beta, g = beta * token_mask[..., None], g * token_mask[..., None]
+        return beta, g
+
     def forward(self, x, token_mask=None, cache=None, cu_seqlens=None):
         """x [B, T, D]; token_mask [B, T] (0 = padding: the step leaves the state untouched) or None;
         cache: this layer's `LinearLayerCache` (read and updated) or None; cu_seqlens: packed rows."""
@@ -150,18 +170,8 @@ class GatedDeltaNet(nn.Module):
             )
             if cache is not None:
                 cache.conv_state.copy_(new_conv_state)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(B, T, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
-
-        if self.clip_val is not None:
-            b = b.clamp(-self.clip_val, self.clip_val)
-        gate_dtype = torch.promote_types(b.dtype, torch.float32)  # fp32 gates (fp64 in an fp64 model)
-        beta = torch.sigmoid(b.to(gate_dtype))
-        g = -self.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + self.dt_bias.to(gate_dtype))
-        if token_mask is not None:
-            beta, g = beta * token_mask[..., None], g * token_mask[..., None]
+        q, k, v = self.split_mixed(mixed)
+        beta, g = self.gates(b, a, token_mask)
 
         rule = ops.fused_recurrent_gated_delta_rule if (T == 1 or self.use_recurrent) else ops.chunk_gated_delta_rule
         o, final_state = rule(
@@ -173,6 +183,22 @@ class GatedDeltaNet(nn.Module):
             cache.filled = True
         o = self.norm(o, z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
+
+    def decode_step(self, x, cache, state_indices):
+        """One token per row with no host synchronisation (CUDA-graph safe): x [B, 1, D]; cache: this layer's
+        filled `LinearLayerCache`, whose conv state and recurrent state (a pool, rows `state_indices` [B]
+        int32) are updated in place. Returns [B, 1, D]."""
+        B = x.shape[0]
+        q, k, v, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
+        mixed = torch.cat([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], dim=-1)
+        mixed = ops.causal_conv1d_update(mixed, cache.conv_state, self.conv1d.weight.squeeze(1))
+        q, k, v = self.split_mixed(mixed.unsqueeze(1))
+        beta, g = self.gates(b, a)
+        o = ops.recurrent_gated_delta_rule_update(
+            q, k, v, g, beta, cache.recurrent_state, state_indices, use_qk_l2norm_in_kernel=True
+        )
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(B, 1, self.value_dim))
 
 
 class GatedAttention(nn.Module):
@@ -193,23 +219,51 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None):
-        """x [B, T, D]; cos/sin [B, T, r]; attn_mask: bool [B, 1, T, S] (True = attend) or None for plain
-        causal; cache: this layer's `AttentionLayerCache` or None. S = cached length + T."""
+    def project(self, x, cos, sin):
+        """x [B, T, D] -> query [B, H, T, hd], key, value [B, Hkv, T, hd] (normed, rotated) and the output
+        gate [B, T, H * hd]."""
         B, T, _ = x.shape
         hd = self.head_dim
         query, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * hd).chunk(2, dim=-1)
         query = apply_rotary(self.q_norm(query), cos, sin).transpose(1, 2)
         key = apply_rotary(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, hd)), cos, sin).transpose(1, 2)
         value = self.v_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)
+        return query, key, value, gate.reshape(B, T, -1)
+
+    def output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, H, T, hd] times sigmoid(gate [B, T, H * hd]), through o_proj."""
+        B, _, T, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate))
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        """x [B, T, D]; cos/sin [B, T, r]; attn_mask: bool [B, 1, T, S] (True = attend), a
+        `torch.nn.attention.bias.CausalBias` (causal, aligned to the last key) or None for plain causal;
+        cache: this layer's `AttentionLayerCache` or None. S = cached length + T."""
+        T = x.shape[1]
+        query, key, value, gate = self.project(x, cos, sin)
         if cache is not None:
             key, value = cache.append(key, value)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, scale=hd**-0.5, enable_gqa=True,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim**-0.5, enable_gqa=True,
         )
-        out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
-        return self.o_proj(out)
+        return self.output(out, gate)
+
+    def decode_step(self, x, cos, sin, cache, slot, key_mask):
+        """One token per row with no host synchronisation (CUDA-graph safe): x [B, 1, D]; cos/sin [B, 1, r];
+        the new key/value go to position `slot` ([1] int64 tensor) of the preallocated `cache` in place;
+        attention runs over all its positions under `key_mask` (bool [B, max_length], True = attend; the
+        caller marks the slot). Returns [B, 1, D]."""
+        B = x.shape[0]
+        query, key, value, gate = self.project(x, cos, sin)
+        cache.key.index_copy_(2, slot, key)
+        cache.value.index_copy_(2, slot, value)
+        # one query position: the query heads of a KV group are rows of one attention problem
+        grouped = query.reshape(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped, cache.key, cache.value, attn_mask=key_mask[:, None, None, :], scale=self.head_dim**-0.5
+        )
+        return self.output(out.reshape(B, self.num_heads, 1, self.head_dim), gate)
 
 
 # --------------------------------------------------------------------------------------------- FFNs
@@ -285,12 +339,35 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn(h, ctx.token_mask, cache, ctx.cu_seqlens)
         else:
             h = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache)
-        x = x + h
+        return self.ffn(x + h)
+
+    def decode_step(self, x, step: "DecodeInputs", cache):
+        """The graph-safe one-token step (see `GatedDeltaNet.decode_step`, `GatedAttention.decode_step`)."""
+        h = self.input_layernorm(x)
+        if self.layer_type == LINEAR:
+            h = self.linear_attn.decode_step(h, cache, step.state_indices)
+        else:
+            h = self.self_attn.decode_step(h, step.cos, step.sin, cache, step.slot, step.key_mask)
+        return self.ffn(x + h)[0]
+
+    def ffn(self, x):
+        """x + FFN(post_attention_layernorm(x)) and the router logits (None for a dense MLP)."""
         h = self.mlp(self.post_attention_layernorm(x))
         router_logits = None
         if self.is_moe:
             h, router_logits = h
         return x + h, router_logits
+
+
+@dataclass
+class DecodeInputs:
+    """What every layer of a graph-safe decode step shares (all device tensors of fixed shape)."""
+
+    cos: torch.Tensor  # [B, 1, r]
+    sin: torch.Tensor
+    slot: torch.Tensor  # [1] int64: cache position of the new token
+    key_mask: torch.Tensor  # bool [B, max_length]
+    state_indices: torch.Tensor  # [B] int32: rows of the linear layers' recurrent-state pools
 
 
 @dataclass
@@ -338,6 +415,21 @@ class Qwen3NextModel(nn.Module):
             cache.advance(T)
         return self.norm(x), router_logits
 
+    def decode_step(self, input_ids, position_ids, cache, slot, key_mask, state_indices):
+        """One token per row, graph-safe (static shapes, no host synchronisation, cache updated in place).
+
+        input_ids, position_ids [B, 1] (int64); cache: a filled `HybridCache` of B rows; slot [1] int64: the
+        cache position of the new token; key_mask bool [B, max_length]: which cache positions each row
+        attends to (the slot is marked here, in place); state_indices [B] int32: each row's recurrent-state
+        row (arange(B) for the cache's own rows). Returns the final-normed hidden states [B, 1, D]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        key_mask.index_fill_(1, slot, True)
+        step = DecodeInputs(cos, sin, slot, key_mask, state_indices)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer.decode_step(x, step, layer_cache)
+        return self.norm(x)
+
     def _positions_and_masks(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
         """Positions [B, T], the attention mask (bool [B, 1, T, S] or None), the token mask for the linear
         layers ([B, T] or None) and the packing offsets, for this call. Positions count the real tokens before each token (so left
@@ -369,7 +461,11 @@ class Qwen3NextModel(nn.Module):
             raise ValueError(f"position_ids must have {T} positions, got shape {tuple(position_ids.shape)}")
 
         attn_mask = None
-        if attention_mask is not None or cu_seqlens is not None or (past and T > 1):
+        if attention_mask is None and cu_seqlens is None and past and T > 1 and device.type == "cuda":
+            # a chunk continuing a cache: causal aligned to the last key, which flash attention runs
+            # without materialising a [T, S] mask
+            attn_mask = causal_lower_right(T, S)
+        elif attention_mask is not None or cu_seqlens is not None or (past and T > 1):
             q_pos = torch.arange(past, S, device=device)
             allowed = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # causal [T, S]
             allowed = allowed[None].expand(B, T, S)
@@ -457,6 +553,11 @@ class Qwen3NextForCausalLM(nn.Module):
             if aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=tuple(router_logits))
+
+    def decode_step(self, input_ids, position_ids, cache, slot, key_mask, state_indices) -> torch.Tensor:
+        """`Qwen3NextModel.decode_step` through the LM head: logits [B, V] of the one new token per row."""
+        hidden = self.model.decode_step(input_ids, position_ids, cache, slot, key_mask, state_indices)
+        return self.lm_head(hidden[:, 0])
 
     # checkpoint I/O lives in checkpoint.py; these are the conventional entry points
     @classmethod
