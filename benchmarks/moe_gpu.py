@@ -2,7 +2,7 @@
 
 1. Checks: bf16 routing and experts (outputs and gradients of x, gate_up, down, routing weights, logits)
    against the fp32 references `route_ref` / `moe_experts_ref` on the same (bf16-rounded) values,
-   by ||ours - ref|| / ||ref||, on the grouped path (300 tokens) and the decode path (1 and 3 tokens).
+   by ||ours - ref|| / ||ref||, on the grouped path (300 and 16 tokens) and the decode path (1, 3 tokens).
 2. Ceilings measured here: dense bf16 matmul rate and device-to-device copy bandwidth.
 3. Times (median of CUDA-event timings) of the whole block (router, routed experts, gated shared expert)
    for ours and transformers' experts implementations eager / grouped_mm / batched_mm, at 1, 64, 1024,
@@ -100,7 +100,7 @@ def check(shape, device, log):
     gate_up, down = gate_up32.bfloat16(), down32.bfloat16()
     gate_up32, down32 = gate_up.float(), down.float()
     worst = 0.0
-    for n in (300, 3, 1):
+    for n in (300, 16, 3, 1):  # 16 tokens: most of the 512 experts get no rows
         logits = rnd(n, E, scale=2.0).bfloat16()
         x = rnd(n, D).bfloat16()
         dout = rnd(n, D).bfloat16()
