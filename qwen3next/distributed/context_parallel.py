@@ -1,0 +1,196 @@
+"""Context parallelism: each rank holds a contiguous part of the sequence (uneven parts allowed).
+
+Gated DeltaNet, by state passing (no all-to-all of activations). Per value head the recurrence is
+affine in the state: S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, so a rank's whole
+segment maps its incoming state as S_out = M S_in + B (M [dk, dk], B [dk, dv]). Both come out of ONE
+run of the chunked rule on the augmented values [v | 0] (width dv + dk) from the state [0 | I]: the
+final state is [B | M], since the state's columns evolve independently. Every rank computes its
+(M, B) at once; they are all-gathered (small matrices per head); rank r folds
+those of ranks 0..r-1 into its true initial state; then it runs the rule on its segment from that
+state. Everything is differentiable through the op itself, so the backward is exact; the gather's
+backward reduce-scatters each rank's (M, B) gradient back to its owner.
+
+The causal conv needs the previous rank's last K-1 inputs; softmax attention all-gathers K/V (two KV
+heads in Qwen3-Next) and masks causally at the query's global offset.
+
+Both layers keep their own forward: attention gets the gathered K/V through the cache interface
+(`append`); Gated DeltaNet looks its ops up in its module's `ops` name, which is swapped for the
+context-parallel ops during the call.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .. import ops
+from . import comm
+
+
+class CPRuntime:
+    """What the context-parallel ops need from the current forward call: the group and every rank's length."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = comm.group_size(group)
+        self.rank = comm.group_rank(group)
+        self.sizes: list[int] = []  # every rank's sequence length in the current forward call
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+
+class _IncomingState(torch.autograd.Function):
+    """All-gather every rank's affine map [B, Hv, dk, dv + dk] = (B_j | M_j) and fold those of the
+    ranks before this one into its true initial state (rank 0: `initial`). Every rank takes part in
+    the backward (a reduce-scatter of the maps' gradients), whatever it used, so the ranks' collectives
+    stay in step."""
+
+    @staticmethod
+    def forward(ctx, affine, initial, group):
+        every = comm.all_gather_raw(affine.unsqueeze(0).contiguous(), 0, [1] * comm.group_size(group), group)
+        ctx.save_for_backward(every, initial)
+        ctx.group = group
+        return _fold(every, initial, comm.group_rank(group)).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        every, initial = ctx.saved_tensors
+        every, initial = every.detach().requires_grad_(), initial.detach().requires_grad_()
+        with torch.enable_grad():
+            out = _fold(every, initial, comm.group_rank(ctx.group))
+            g_every, g_initial = torch.autograd.grad(out, (every, initial), grad, allow_unused=True)
+        g_every = torch.zeros_like(every) if g_every is None else g_every
+        g_affine = comm.reduce_scatter_raw(g_every, 0, [1] * every.shape[0], ctx.group)[0]
+        return g_affine, g_initial, None
+
+
+def _fold(every, initial, rank):
+    """The state entering rank `rank`'s segment: S_{j+1} = M_j S_j + B_j over the ranks before it.
+    Rank 0's map already starts from the sequence's initial state, so the fold starts from its B."""
+    if rank == 0:
+        return initial
+    dv = initial.shape[-1]
+    state = every[0, ..., :dv]
+    for j in range(1, rank):
+        state = every[j, ..., dv:] @ state + every[j, ..., :dv]
+    return state
+
+
+def cp_gated_delta_rule(rule, cp: CPRuntime, q, k, v, g, beta, scale=None, initial_state=None,
+                        output_final_state=False, use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kw):
+    """`rule`'s contract (see `ops.chunk_gated_delta_rule`) on this rank's segment of the sequence,
+    run from the segment's true initial state. `initial_state` is the state before the whole
+    sequence, read on the first rank only; the final state returned is the one after this rank's
+    segment (on the last rank: after the whole sequence)."""
+    if cu_seqlens is not None:
+        raise ValueError("packed sequences (cu_seqlens) cannot be split over context-parallel ranks")
+    B, _, Hv, dv = v.shape
+    dk = k.shape[-1]
+    state_dtype = torch.promote_types(v.dtype, torch.float32)  # the rule's state dtype
+    start = v.new_zeros(B, Hv, dk, dv, dtype=state_dtype)
+    if cp.rank == 0 and initial_state is not None:
+        start = initial_state.to(state_dtype)
+    # this segment's map (B | M), from one run on [v | 0] starting at [start | I]; the last rank's is
+    # not needed, but computing it costs no time (the others compute theirs meanwhile) and keeps every
+    # rank's autograd graph, hence its order of collectives in the backward, the same
+    eye = torch.eye(dk, dtype=state_dtype, device=v.device).expand(B, Hv, dk, dk)
+    _, affine = rule(q, k, torch.cat([v, v.new_zeros(B, v.shape[1], Hv, dk)], dim=-1), g, beta, scale=scale,
+                     initial_state=torch.cat([start, eye], dim=-1), output_final_state=True,
+                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kw)
+    s_in = _IncomingState.apply(affine, start, cp.group)
+    return rule(q, k, v, g, beta, scale=scale, initial_state=s_in, output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kw)
+
+
+class _PreviousTail(torch.autograd.Function):
+    """The previous rank's last K-1 conv inputs [B, C, K-1] (rank 0: `initial`); the backward returns
+    each tail's gradient to its owner (a reduce-scatter every rank joins)."""
+
+    @staticmethod
+    def forward(ctx, tail, initial, group):
+        n, rank = comm.group_size(group), comm.group_rank(group)
+        tails = comm.all_gather_raw(tail.unsqueeze(0).contiguous(), 0, [1] * n, group)
+        ctx.group = group
+        return tails[rank - 1] if rank > 0 else initial.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, rank = comm.group_size(ctx.group), comm.group_rank(ctx.group)
+        every = grad.new_zeros(n, *grad.shape)
+        if rank > 0:
+            every[rank - 1] = grad
+        return comm.reduce_scatter_raw(every, 0, [1] * n, ctx.group)[0], (grad if rank == 0 else None), None
+
+
+def cp_causal_conv1d(conv, cp: CPRuntime, x, weight, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, **kw):
+    """`conv`'s contract (see `ops.causal_conv1d`) on this rank's segment: the first K-1 outputs read
+    the previous rank's last K-1 inputs. `initial_state` is read on the first rank only."""
+    if cu_seqlens is not None:
+        raise ValueError("packed sequences (cu_seqlens) cannot be split over context-parallel ranks")
+    K = weight.shape[-1]
+    tail = x[:, x.shape[1] - (K - 1):].transpose(1, 2)  # [B, C, K-1]: this rank's last inputs
+    initial = x.new_zeros(tail.shape) if initial_state is None else initial_state.to(x.dtype)
+    state = _PreviousTail.apply(tail, initial, cp.group)
+    return conv(x, weight, initial_state=state, output_final_state=output_final_state, **kw)
+
+
+class _ContextParallelOps:
+    """`qwen3next.ops` as a Gated DeltaNet layer sees it under cp: the causal conv and the gated delta
+    rule replaced by their context-parallel forms, every other op the same."""
+
+    def __init__(self, cp: CPRuntime):
+        self.cp = cp
+
+    def __getattr__(self, name):
+        return getattr(ops, name)
+
+    def causal_conv1d(self, *args, **kwargs):
+        return cp_causal_conv1d(ops.causal_conv1d, self.cp, *args, **kwargs)
+
+    def chunk_gated_delta_rule(self, *args, **kwargs):
+        return cp_gated_delta_rule(ops.chunk_gated_delta_rule, self.cp, *args, **kwargs)
+
+    def fused_recurrent_gated_delta_rule(self, *args, **kwargs):
+        return cp_gated_delta_rule(ops.fused_recurrent_gated_delta_rule, self.cp, *args, **kwargs)
+
+    def causal_conv1d_update(self, *args, **kwargs):
+        raise ValueError("context parallelism is for prefill and training; decode a sequence on one rank")
+
+
+def cp_gated_deltanet_forward(module, inner, cp: CPRuntime, x, token_mask=None, cache=None, cu_seqlens=None):
+    """The layer's own forward with its ops (looked up in its module's namespace) swapped for the
+    context-parallel ones for the duration of the call."""
+    if token_mask is not None or cache is not None or cu_seqlens is not None:
+        raise ValueError("context parallelism takes plain sequences: no padding mask, cache or cu_seqlens")
+    namespace = sys.modules[type(module).__module__].__dict__
+    saved = namespace["ops"]
+    namespace["ops"] = _ContextParallelOps(cp)
+    try:
+        return inner(x, token_mask, cache, cu_seqlens)
+    finally:
+        namespace["ops"] = saved
+
+
+class _GatheredKV:
+    """Stands in for an attention layer's cache: `append` returns the whole sequence's keys and values."""
+
+    def __init__(self, cp: CPRuntime):
+        self.cp = cp
+
+    def append(self, key, value):
+        gather = lambda t: comm.gather(t, 2, self.cp.sizes, self.cp.group, partial_consumers=True)  # noqa: E731
+        return gather(key), gather(value)
+
+
+def cp_attention_forward(module, inner, cp: CPRuntime, x, cos, sin, attn_mask=None, cache=None):
+    """The layer's own forward for this rank's queries against all keys and values (all-gathered along
+    the sequence), causal at the queries' global positions."""
+    if attn_mask is not None or cache is not None:
+        raise ValueError("context parallelism takes plain causal sequences: no attention mask or cache")
+    q_pos = torch.arange(x.shape[1], device=x.device) + cp.offset
+    mask = q_pos[:, None] >= torch.arange(sum(cp.sizes), device=x.device)[None, :]
+    return inner(x, cos, sin, mask[None, None], _GatheredKV(cp))

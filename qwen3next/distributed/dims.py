@@ -1,0 +1,112 @@
+"""ParallelDims: the parallel layout of a run and its named DeviceMesh.
+
+The world is a 4-dim mesh ("dp_shard", "cp", "ep", "tp"), outermost first (tp innermost, so on a node
+its ranks are neighbours on NVLink). What each dim means for a rank:
+  dp_shard  its own rows of the global batch; parameters FSDP2-sharded, gradients summed over the batch
+  cp        its contiguous part of the sequence (`cp_slice`); parameters replicated (FSDP-sharded with dp)
+  ep        the same tokens as its ep peers; routed experts sharded E / ep, tokens exchanged all-to-all
+  tp        the same tokens; heads, channels, vocab and intermediate dims sharded; sequence-parallel
+            residual stream between blocks
+The product must equal the world size. All dims of 1 (a single process) need no process group at all.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+DIM_NAMES = ("dp_shard", "cp", "ep", "tp")
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot run (raised before any work is done)."""
+
+
+@dataclass
+class ParallelDims:
+    dp_shard: int = 1
+    tp: int = 1
+    ep: int = 1
+    cp: int = 1
+    mesh: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        bad = [f"{n}={getattr(self, n)!r}" for n in DIM_NAMES
+               if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool) or getattr(self, n) < 1]
+        if bad:
+            raise ParallelConfigError(f"parallel dims must be integers >= 1; got {', '.join(bad)}")
+        if self.world_size == 1 and not dist.is_initialized():
+            return
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.world_size:
+            raise ParallelConfigError(
+                f"dp_shard * cp * ep * tp = {self.dp_shard} * {self.cp} * {self.ep} * {self.tp} = "
+                f"{self.world_size}, but the world has {world} processes (launch with torchrun "
+                f"--nproc-per-node {self.world_size}, or change the dims)"
+            )
+        if self.world_size > 1:
+            self._build_mesh()
+
+    # ------------------------------------------------------------------------------------ mesh
+    @property
+    def world_size(self) -> int:
+        return self.dp_shard * self.cp * self.ep * self.tp
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any dim is larger than 1 (otherwise parallelize() changes nothing)."""
+        return self.world_size > 1
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _build_mesh(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            backend = "nccl" if self.device_type == "cuda" else "gloo"
+            if self.device_type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+        shape = tuple(getattr(self, n) for n in DIM_NAMES)
+        self.mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=DIM_NAMES)
+        # the ranks that see different tokens of the batch: FSDP shards over them and losses sum over them
+        self._batch_mesh = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+
+    def submesh(self, *names: str):
+        """The mesh over the named dims (e.g. "tp", or "dp_shard_cp"); None when it has one rank."""
+        if self.mesh is None:
+            return None
+        sub = self._batch_mesh if names == ("dp_shard_cp",) else self.mesh[names if len(names) > 1 else names[0]]
+        return sub if sub.size() > 1 else None
+
+    def group(self, name: str):
+        """The process group of one mesh dim (or "dp_shard_cp"); None when that dim is 1."""
+        sub = self.submesh(name)
+        return None if sub is None else sub.get_group()
+
+    def rank(self, name: str) -> int:
+        """This process's coordinate on a mesh dim (0 when the dim is 1)."""
+        sub = self.submesh(name)
+        return 0 if sub is None else sub.get_local_rank()
+
+    @property
+    def is_rank0(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    # ------------------------------------------------------------------------------------ data
+    def cp_slice(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's contiguous part of the sequence (`torch.tensor_split` over cp; uneven allowed)."""
+        return torch.tensor_split(x, self.cp, dim=dim)[self.rank("cp")] if self.cp > 1 else x
+
+    def dp_slice(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's rows of the global batch (`torch.tensor_split` over dp_shard)."""
+        return torch.tensor_split(x, self.dp_shard, dim=dim)[self.rank("dp_shard")] if self.dp_shard > 1 else x
+
+    def local_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows and sequence part of a global [B, T, ...] batch that this rank feeds the model."""
+        return self.cp_slice(self.dp_slice(x))

@@ -1,0 +1,190 @@
+"""`parallelize(model, dims)`: apply tp, ep, cp and FSDP2 to a built single-device model, in place.
+
+Order (as torchtitan): tensor parallel and expert parallel first (parameters become DTensors on the
+tp / ep meshes), context parallel (the mixers get their context-parallel ops), then FSDP2 per decoder
+layer and at the root over the ranks that see different tokens (dp_shard x cp). The causal-LM forward
+is replaced by one that knows the layout: sequence-parallel decision, cp positions, vocab-parallel
+logits and loss, the next-token shift across cp slices, and losses over the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..config import LINEAR
+from . import comm
+from .context_parallel import CPRuntime, cp_attention_forward, cp_gated_deltanet_forward
+from .dims import ParallelConfigError, ParallelDims
+from .expert_parallel import EPRuntime, check_ep, moe_forward
+from .loss import global_mean, load_balancing_loss, vocab_parallel_cross_entropy
+from .tensor_parallel import (
+    TPRuntime, check_tp, distribute_parameter, install_forward, local, parallelize_embedding,
+    parallelize_gated_attention, parallelize_gated_deltanet, parallelize_mlp, parallelize_moe_params,
+    parallelize_norm, shard_offset,
+)
+from ..model import CausalLMOutput
+
+
+@dataclass
+class Runtime:
+    """A parallelized model's layout (kept as `model.parallel`)."""
+
+    dims: ParallelDims
+    tp: TPRuntime
+    ep: EPRuntime
+    cp: CPRuntime
+    batch_group: object  # the group over which ranks see different tokens (dp_shard x cp), or None
+
+
+def check(config, dims: ParallelDims) -> None:
+    """Raise ParallelConfigError listing every reason `config` cannot run under `dims`."""
+    errors = check_tp(config, dims.tp, dims.ep) + check_ep(config, dims.ep)
+    if errors:
+        raise ParallelConfigError(f"cannot parallelize with {dims}:\n  - " + "\n  - ".join(errors))
+
+
+def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = torch.bfloat16,
+                reduce_dtype: torch.dtype | None = torch.float32, reshard_after_forward: bool = True):
+    """Shard `model` (a Qwen3NextForCausalLM on this rank's device) over `dims` in place and return it.
+
+    Every rank must hold the same initial weights (same seed, or the same checkpoint). Parameters keep
+    their names; sharded ones are DTensors. Under FSDP (dp_shard * cp > 1) the forward computes in
+    `param_dtype` and gradients reduce in `reduce_dtype` (None: the parameters' own dtype).
+    With every dim 1 the model is returned untouched.
+    """
+    if not dims.enabled:
+        return model
+    if getattr(model, "parallel", None) is not None:
+        raise ParallelConfigError("this model is already parallelized")
+    config = model.config
+    check(config, dims)
+    rt = Runtime(dims, TPRuntime(dims.submesh("tp")), EPRuntime(dims.submesh("ep")), CPRuntime(dims.group("cp")),
+                 dims.group("dp_shard_cp"))
+    tp, ep, cp = rt.tp, rt.ep, rt.cp
+    for layer in model.model.layers:
+        mixer = layer.linear_attn if layer.layer_type == LINEAR else layer.self_attn
+        if cp.size > 1:  # innermost: tensor parallelism wraps it
+            install_forward(mixer, cp_gated_deltanet_forward if layer.layer_type == LINEAR else cp_attention_forward, cp)
+        if tp.size > 1:
+            parallelize_norm(layer.input_layernorm, tp)
+            parallelize_norm(layer.post_attention_layernorm, tp)
+            (parallelize_gated_deltanet if layer.layer_type == LINEAR else parallelize_gated_attention)(mixer, tp)
+            if not layer.is_moe:
+                parallelize_mlp(layer.mlp, tp)
+        if layer.is_moe and (tp.size > 1 or ep.size > 1):
+            shared_rules = parallelize_moe_params(layer.mlp, tp, expert_tp=ep.size == 1) if tp.size > 1 else {}
+            if ep.size > 1:
+                mesh, placements = (dims.submesh("ep", "tp"), [Shard(0), Replicate()]) if tp.size > 1 else (ep.mesh, [Shard(0)])
+                for name in ("experts.gate_up_proj", "experts.down_proj"):
+                    distribute_parameter(layer.mlp, name, mesh, placements)
+            install_forward(layer.mlp, moe_forward, tp, ep, shared_rules)
+    if tp.size > 1:
+        parallelize_embedding(model.model.embed_tokens, tp)
+        parallelize_norm(model.model.norm, tp)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        else:
+            distribute_parameter(model.lm_head, "weight", tp.mesh, [Shard(0)])
+    install_forward(model, causal_lm_forward, rt)
+    if rt.batch_group is not None:
+        _fully_shard(model, dims.submesh("dp_shard_cp"), param_dtype, reduce_dtype, reshard_after_forward)
+    model.parallel = rt
+    return model
+
+
+def _fully_shard(model, mesh, param_dtype, reduce_dtype, reshard_after_forward) -> None:
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # the loss is already the global mean: gradients sum over the batch ranks
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+# --------------------------------------------------------------------------------------------- forward
+def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None, position_ids=None, labels=None,
+                      cache=None, cu_seqlens=None, logits_to_keep: int = 0):
+    """`Qwen3NextForCausalLM.forward`'s contract (replacing `inner`) on this rank's part of the batch.
+
+    `logits`: this rank's rows and sequence part, a DTensor sharded on the vocab over tp (`.full_tensor()`
+    gathers it) or a plain tensor when tp = 1. `loss` and `aux_loss`: one process's values on the global
+    batch (every rank holds them). Under cp, labels are this rank's slice of the labels (cut like the
+    inputs); the next-token target across a slice boundary comes from the next rank.
+    """
+    config = model.config
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    tp, cp = rt.tp, rt.cp
+    if cp.size > 1:
+        if cache is not None or cu_seqlens is not None or position_ids is not None:
+            raise ValueError("context parallelism takes plain sequences: no cache, cu_seqlens or position_ids")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("context parallelism does not support padding (attention_mask with zeros)")
+        attention_mask = None
+        cp.sizes = comm.gather_sizes(T, cp.group)
+        reach = config.linear_conv_kernel_dim - 1
+        if min(cp.sizes) < max(reach, 1):
+            raise ParallelConfigError(
+                f"context-parallel slices of {cp.sizes} tokens: each needs at least {max(reach, 1)} (the causal "
+                f"conv reads the previous {reach} tokens, kernel {config.linear_conv_kernel_dim}); use a longer "
+                "sequence or a smaller cp")
+        position_ids = (torch.arange(T, device=input_ids.device) + cp.offset)[None].expand(B, T)
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must match input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
+    if labels is not None and logits_to_keep:
+        raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
+    tp.sp = tp.size > 1 and T % tp.size == 0
+
+    hidden, router_logits = model.model(input_ids, attention_mask, position_ids, cache, cu_seqlens)
+    hidden = tp.enter(hidden)  # all tokens; each rank computes its vocab slice of the logits
+    if logits_to_keep:
+        hidden = hidden[:, -logits_to_keep:]
+    head = model.lm_head.weight
+    logits = F.linear(hidden, local(head))
+    vocab_start = shard_offset(head, 0) if isinstance(head, DTensor) else 0
+
+    aux_loss = None
+    token_groups = [rt.batch_group] + ([tp.group] if tp.sp else [])
+    if router_logits:
+        token_mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T :]
+        if token_mask is not None and tp.sp:
+            token_mask = token_mask.tensor_split(tp.size, dim=1)[tp.rank]
+        aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok,
+                                       None if token_mask is None else token_mask.reshape(-1), token_groups)
+    loss = None
+    if labels is not None:
+        targets = _next_token_targets(labels, cu_seqlens, cp)
+        per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 vocab_start, tp.group)
+        loss = global_mean(per_token, targets != -100, [rt.batch_group])
+        if aux_loss is not None:
+            loss = loss + config.router_aux_loss_coef * aux_loss
+    if tp.size > 1:
+        shape = (*logits.shape[:-1], config.vocab_size)
+        logits = DTensor.from_local(logits, tp.mesh, [Shard(logits.dim() - 1)], run_check=False, shape=shape,
+                                    stride=torch.empty(shape, device="meta").stride())
+    return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=tuple(router_logits))
+
+
+def _next_token_targets(labels, cu_seqlens, cp: CPRuntime):
+    """targets[t] = labels[t + 1] (-100 past the end; across a cp boundary: the next rank's first label;
+    with packed documents, a document's last token predicts nothing), as `model.causal_lm_loss`."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if cp.size > 1:
+        firsts = comm.all_gather_raw(labels[:, :1].contiguous(), 1, [1] * cp.size, cp.group)  # [B, cp]
+        if cp.rank < cp.size - 1:
+            targets[:, -1] = firsts[:, cp.rank + 1]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].to(labels.device) - 1
+        targets[0, ends[ends >= 0]] = -100
+    return targets

@@ -1,0 +1,372 @@
+"""Scale-out on torch.distributed, on the CPU with gloo: every parallel layout against one process.
+
+Two spawned jobs do all the work (process start-up dominates on 2 cores, so checks share them): one
+of 4 processes (2-dim meshes, and a DCP checkpoint saved at tp2 x dp_shard2) and one of 2 processes
+(tp, ep, cp, dp_shard alone, the context-parallel gated delta rule, errors, resuming the 4-process
+checkpoint at another mesh, Hugging Face export). Each rank builds the same seeded model and its own
+one-process reference on the same global batch, and records relative errors; the tests assert them.
+Gradients: per tensor, max |a - b| / max(max |b|, 1% of the model's largest gradient entry), as in
+test_model_parity (A_log/dt_bias gradients cancel to ~1e-7 at initialisation).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+TOL = 1e-4
+CURVE_DTYPE, CURVE_TOL = torch.float64, TOL
+B, T = 4, 22  # cp=2 slices of 11 tokens: not a multiple of the chunk size (8)
+STEPS, SAVE_AT = 10, 5
+CONFIG = dict(
+    vocab_size=257, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=16, linear_attention_chunk_size=8, num_experts=8, num_experts_per_tok=2,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, mlp_only_layers=[1], router_aux_loss_coef=0.05,
+)
+# one-dim layouts on 2 processes; "tp_mqa" has one KV head (replicated over tp) and an odd length (no SP)
+LAYOUTS_2 = {"tp": dict(tp=2), "tp_mqa": dict(tp=2), "ep": dict(ep=2), "cp": dict(cp=2), "dp_shard": dict(dp_shard=2)}
+LAYOUTS_4 = {"tp2_dp2": dict(tp=2, dp_shard=2), "ep2_dp2": dict(ep=2, dp_shard=2), "cp2_tp2": dict(cp=2, tp=2)}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _config(name="", **overrides):
+    from qwen3next.config import Qwen3NextConfig
+
+    extra = dict(num_key_value_heads=1) if name == "tp_mqa" else {}
+    return Qwen3NextConfig.preset("tiny", **{**CONFIG, **extra, **overrides})
+
+
+def _model(config, seed=0, dtype=torch.float32):
+    from qwen3next.model import Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen3NextForCausalLM(config).to(dtype)
+
+
+def _batch(config, step, length=T):
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(0, config.vocab_size, (B, length), generator=g)
+    labels = ids.clone()
+    labels[0, 5] = labels[2, -1] = -100
+    return ids, labels
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _rel(a, b, floor=0.0):
+    a, b = a.detach().double(), b.detach().double()
+    return (a - b).abs().max().item() / max(b.abs().max().item(), floor, 1e-30)
+
+
+def _train(model, config, dims=None, steps=range(STEPS), optimizer=None):
+    """AdamW steps on the seeded batches; returns (losses, optimizer). Curves are run in fp64 (the loss
+    itself is fp32 in both): Adam turns rounding in the near-zero A_log gradients into full-size steps of
+    either sign, so in fp32 two exact implementations drift apart by ~1e-4 within ten steps (fp64: ~5e-6)."""
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    losses = []
+    for step in steps:
+        ids, labels = _batch(config, step % 2)  # two batches in turn: the loss falls as they are learnt
+        if dims is not None:
+            ids, labels = dims.local_batch(ids), dims.local_batch(labels)
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, optimizer
+
+
+def _parity(config, dims, length=T):
+    """Worst relative errors of logits, loss, aux loss and gradients against one process."""
+    from qwen3next.distributed import parallelize
+
+    ref = _model(config)
+    model = parallelize(copy.deepcopy(ref), dims, param_dtype=None, reduce_dtype=None)
+    ids, labels = _batch(config, 0, length)
+    want = ref(ids, labels=labels)
+    want.loss.backward()
+    got = model(dims.local_batch(ids), labels=dims.local_batch(labels))
+    got.loss.backward()
+    grads = dict(ref.named_parameters())
+    top = max(p.grad.abs().max().item() for p in grads.values())
+    names = [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == names, "parameter names changed"
+    return {
+        "logits": _rel(_full(got.logits), dims.local_batch(want.logits)),
+        "loss": _rel(got.loss, want.loss), "aux": _rel(got.aux_loss, want.aux_loss),
+        "grads": max(_rel(_full(p.grad), grads[n].grad, 0.01 * top) for n, p in model.named_parameters()),
+    }
+
+
+def _curve(config, dims, steps=range(STEPS)):
+    from qwen3next.distributed import parallelize
+
+    model = parallelize(_model(config, dtype=CURVE_DTYPE), dims, param_dtype=None, reduce_dtype=None)
+    return _train(model, config, dims, steps)
+
+
+def _expect_error(fn, *fragments):
+    """'ok' if fn() raises an error whose message holds every fragment; else what happened."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        message = str(e)
+        return "ok" if all(f in message for f in fragments) else f"{type(e).__name__}: {message}"
+    return "no error"
+
+
+# --------------------------------------------------------------------------------------------- jobs
+def _job_4(results, workdir):
+    from qwen3next.distributed import ParallelDims, checkpoint, parallelize
+
+    for name, layout in LAYOUTS_4.items():
+        dims = ParallelDims(**layout)
+        results[f"parity/{name}"] = _parity(_config(), dims)
+    config = _config()
+    results["curve/reference"] = _train(_model(config, dtype=CURVE_DTYPE), config)[0]
+    dims = ParallelDims(tp=2, dp_shard=2)
+    model = parallelize(_model(config, dtype=CURVE_DTYPE), dims, param_dtype=None, reduce_dtype=None)
+    first, optimizer = _train(model, config, dims, range(SAVE_AT))
+    checkpoint.save(os.path.join(workdir, "dcp_tp2_dp2"), model, optimizer, step=SAVE_AT)
+    rest, _ = _train(model, config, dims, range(SAVE_AT, STEPS), optimizer)
+    results["curve/tp2_dp2"] = first + rest
+
+
+def _job_2(results, workdir):
+    from qwen3next.distributed import ParallelConfigError, ParallelDims, checkpoint, parallelize
+
+    for name, layout in LAYOUTS_2.items():
+        results[f"parity/{name}"] = _parity(_config(name), ParallelDims(**layout), T - 1 if name == "tp_mqa" else T)
+    results["cp_rule"] = _cp_rule_check(ParallelDims(cp=2))
+    config = _config()
+    results["curve/reference"] = _train(_model(config, dtype=CURVE_DTYPE), config)[0]
+    for name in ("tp", "ep", "cp", "dp_shard"):
+        results[f"curve/{name}"] = _curve(config, ParallelDims(**LAYOUTS_2[name]))[0]
+
+    # resume the 4-process checkpoint (tp2 x dp_shard2) on 2 processes with another layout
+    dims = ParallelDims(ep=2)
+    model = parallelize(_model(config, seed=7, dtype=CURVE_DTYPE), dims, param_dtype=None, reduce_dtype=None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    step = checkpoint.load(os.path.join(workdir, "dcp_tp2_dp2"), model, optimizer)
+    results["resume/step"] = step
+    results["resume/ep"] = _train(model, config, dims, range(step, STEPS), optimizer)[0]
+
+    dims = ParallelDims(tp=2)
+    model = parallelize(_model(config, seed=3), dims, param_dtype=None, reduce_dtype=None)
+    checkpoint.export_hf(model, os.path.join(workdir, "hf_tp2"), max_shard_size="200KB")
+
+    # clear errors, raised on every rank before any work
+    bad_heads = _config(linear_num_key_heads=3, linear_num_value_heads=3)
+    untouched = _model(bad_heads)
+    results["error/tp_heads"] = _expect_error(lambda: parallelize(untouched, ParallelDims(tp=2)), "linear_num_key_heads=3")
+    results["error/untouched"] = not any(type(p).__name__ == "DTensor" for p in untouched.parameters())
+    bad_experts = _config(num_experts=3, num_experts_per_tok=1)
+    results["error/ep_experts"] = _expect_error(lambda: parallelize(_model(bad_experts), ParallelDims(ep=2)),
+                                                "ep=2 must divide num_experts=3")
+    results["error/world"] = _expect_error(lambda: ParallelDims(tp=2, ep=2), "world has 2 processes")
+    results["error/dims"] = _expect_error(lambda: ParallelDims(tp=0), "tp=0")
+    cp_dims = ParallelDims(cp=2)
+    cp_model = parallelize(_model(config), cp_dims, param_dtype=None, reduce_dtype=None)
+    short = torch.randint(0, config.vocab_size, (1, 3))  # slices of 2 and 1 tokens; the conv reads 3 back
+    results["error/cp_short"] = _expect_error(lambda: cp_model(cp_dims.cp_slice(short)), "at least 3", "kernel 4")
+    other = _config(hidden_size=32)
+    other_model = parallelize(_model(other), ParallelDims(dp_shard=2), param_dtype=None, reduce_dtype=None)
+    results["error/ckpt_config"] = _expect_error(
+        lambda: checkpoint.load(os.path.join(workdir, "dcp_tp2_dp2"), other_model), "different model config", "hidden_size")
+    results["error/class"] = isinstance(ParallelConfigError("x"), ValueError)
+
+
+def _cp_rule_check(dims):
+    """The context-parallel gated delta rule on its own (fp64, T=25 split 13 + 12, chunk 8), with an
+    initial state: outputs, the final state (last rank) and every input's gradient against one process."""
+    from qwen3next import ops
+    from qwen3next.distributed.context_parallel import CPRuntime, cp_gated_delta_rule
+
+    g = torch.Generator().manual_seed(5)
+    Bq, Tq, Hk, Hv, dk, dv = 2, 25, 2, 4, 8, 12
+    q, k = torch.randn(Bq, Tq, Hk, dk, generator=g, dtype=torch.float64), torch.randn(Bq, Tq, Hk, dk, generator=g, dtype=torch.float64)
+    v = torch.randn(Bq, Tq, Hv, dv, generator=g, dtype=torch.float64)
+    gate = -torch.rand(Bq, Tq, Hv, generator=g, dtype=torch.float64)
+    beta = torch.rand(Bq, Tq, Hv, generator=g, dtype=torch.float64)
+    s0 = torch.randn(Bq, Hv, dk, dv, generator=g, dtype=torch.float64)
+    weights = torch.randn(Bq, Tq, Hv, dv, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (q, k, v, gate, beta, s0)]
+    rule = lambda *a, **kw: ops.chunk_gated_delta_rule(*a, chunk_size=8, **kw)  # noqa: E731
+    o, final = rule(q, k, v, gate, beta, initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ((o * weights).sum() + final.square().sum()).backward()
+    want = [t.grad.clone() for t in inputs]
+    cp = CPRuntime(dims.group("cp"))
+    local = [dims.cp_slice(t.detach()).requires_grad_() for t in (q, k, v, gate, beta)]
+    mine = s0.detach().clone().requires_grad_()
+    o_r, final_r = cp_gated_delta_rule(rule, cp, *local, initial_state=mine, output_final_state=True,
+                                       use_qk_l2norm_in_kernel=True)
+    last = cp.rank == cp.size - 1
+    ((o_r * dims.cp_slice(weights)).sum() + (final_r.square().sum() if last else 0)).backward()
+    out = {"o": _rel(o_r, dims.cp_slice(o.detach())), "lengths": [int(o_r.shape[1])]}
+    if last:
+        out["final"] = _rel(final_r, final.detach())
+    for name, t, w in zip("q k v g beta".split(), local, want):
+        out[f"grad_{name}"] = _rel(t.grad, dims.cp_slice(w))
+    s0_grad = torch.zeros_like(mine) if mine.grad is None else mine.grad.clone()
+    torch.distributed.all_reduce(s0_grad, group=cp.group)  # read on rank 0 only: its gradient is there
+    out["grad_initial_state"] = _rel(s0_grad, want[5])
+    return out
+
+
+JOBS = {"2": (2, _job_2), "4": (4, _job_4)}
+
+
+def _worker(rank, world, port, job, workdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        JOBS[job][1](results, workdir)
+    except Exception:
+        results["crash"] = traceback.format_exc()
+        raise
+    finally:
+        with open(os.path.join(workdir, f"job{job}_rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        torch.distributed.destroy_process_group()
+
+
+def _run_job(job, workdir) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = JOBS[job][0]
+    mp.start_processes(_worker, args=(world, port, job, str(workdir)), nprocs=world, start_method="spawn")
+    ranks = []
+    for rank in range(world):
+        with open(os.path.join(workdir, f"job{job}_rank{rank}.json")) as f:
+            ranks.append(json.load(f))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def four(workdir):
+    return _run_job("4", workdir)
+
+
+@pytest.fixture(scope="module")
+def two(workdir, four):  # resumes the checkpoint the 4-process job saved
+    return _run_job("2", workdir)
+
+
+def _worst(ranks, key):
+    """The largest value of each metric over the ranks."""
+    merged = {}
+    for r in ranks:
+        for name, value in r[key].items():
+            if isinstance(value, float):
+                merged[name] = max(merged.get(name, 0.0), value)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", LAYOUTS_2)
+def test_one_dim_layout_matches_one_process(two, name):
+    """Logits, loss, aux loss and every gradient under tp / ep / cp / dp_shard equal one process."""
+    worst = _worst(two, f"parity/{name}")
+    assert set(worst) == {"logits", "loss", "aux", "grads"}
+    assert all(v <= TOL for v in worst.values()), worst
+
+
+@pytest.mark.parametrize("name", LAYOUTS_4)
+def test_two_dim_mesh_matches_one_process(four, name):
+    worst = _worst(four, f"parity/{name}")
+    assert set(worst) == {"logits", "loss", "aux", "grads"}
+    assert all(v <= TOL for v in worst.values()), worst
+
+
+def test_context_parallel_rule_with_states(two):
+    """Uneven split (13 + 12 tokens, chunk 8), initial state in, final state out, all gradients (fp64)."""
+    assert sorted(r["cp_rule"]["lengths"][0] for r in two) == [12, 13]
+    worst = _worst(two, "cp_rule")
+    assert {"o", "final", "grad_q", "grad_k", "grad_v", "grad_g", "grad_beta", "grad_initial_state"} <= set(worst)
+    assert all(v <= 1e-10 for v in worst.values()), worst
+
+
+@pytest.mark.parametrize("name", ["tp", "ep", "cp", "dp_shard"])
+def test_training_follows_one_process(two, name):
+    reference = two[0]["curve/reference"]
+    assert reference[-1] < reference[0] - 0.1  # it learns: the comparison is not between flat lines
+    for r in two:
+        assert max(_rel(torch.tensor(a), torch.tensor(b)) for a, b in zip(r[f"curve/{name}"], reference)) <= CURVE_TOL
+
+
+def test_training_on_two_dim_mesh_follows_one_process(four):
+    reference = four[0]["curve/reference"]
+    for r in four:
+        assert len(r["curve/tp2_dp2"]) == STEPS
+        assert max(_rel(torch.tensor(a), torch.tensor(b)) for a, b in zip(r["curve/tp2_dp2"], reference)) <= CURVE_TOL
+
+
+def test_checkpoint_saved_on_4_resumes_on_2(two, four):
+    """DCP save at tp2 x dp_shard2 after 5 steps; resumed under ep2 the next 5 losses are one process's."""
+    reference = four[0]["curve/reference"]
+    for r in two:
+        assert r["resume/step"] == SAVE_AT
+        resumed = r["resume/ep"]
+        assert len(resumed) == STEPS - SAVE_AT
+        assert max(_rel(torch.tensor(a), torch.tensor(b)) for a, b in zip(resumed, reference[SAVE_AT:])) <= CURVE_TOL
+
+
+def test_hf_export_loads_in_transformers(two, workdir):
+    """The export of a tp=2 model, gathered tensor by tensor into several shards, loads in transformers
+    and in qwen3next with the one-process model's logits."""
+    transformers = pytest.importorskip("transformers")
+    from qwen3next.checkpoint import load_model
+
+    path = os.path.join(workdir, "hf_tp2")
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    config = _config()
+    ours = _model(config, seed=3).eval()
+    ids, _ = _batch(config, 0)
+    with torch.no_grad():
+        want = ours(ids).logits
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        assert _rel(hf(ids).logits, want) <= TOL
+        assert _rel(load_model(path)(ids).logits, want) <= 1e-6
+
+
+def test_bad_inputs_get_clear_errors(two):
+    for r in two:
+        for name in ("tp_heads", "ep_experts", "world", "dims", "cp_short", "ckpt_config"):
+            assert r[f"error/{name}"] == "ok", (name, r[f"error/{name}"])
+        assert r["error/untouched"] and r["error/class"]
+
+
+def test_single_process_dims_change_nothing():
+    """All dims 1: no process group, no wrapper, the same module back."""
+    from qwen3next.distributed import ParallelConfigError, ParallelDims, parallelize
+
+    model = _model(_config())
+    dims = ParallelDims()
+    assert not dims.enabled and dims.mesh is None
+    assert parallelize(model, dims) is model and "forward" not in vars(model)
+    with pytest.raises(ParallelConfigError, match="world has 1 processes"):
+        ParallelDims(tp=2)
+    with pytest.raises(ParallelConfigError, match="integers >= 1"):
+        ParallelDims(dp_shard=-1)
