@@ -8,6 +8,7 @@ import sys
 import time
 
 from .config import FULL, PRESETS, Qwen3NextConfig
+from .distributed.plan import add_inspect_arguments, print_plan_if_asked
 from .model import cache_bytes_per_sequence, count_parameters
 from .train.cli import add_commands as add_train_commands
 
@@ -75,6 +76,7 @@ def cmd_inspect(args) -> int:
     for tokens in (4096, 32768, 262144):
         total = cache["linear_constant"] + tokens * cache["attention_per_token"]
         print(f"  {'':<{width}}  at {tokens:>6} tokens: {_bytes(total)}")
+    print_plan_if_asked(config, args)
     return 0
 
 
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="config, parameter counts, layer pattern and cache size of a preset or checkpoint")
     p.add_argument("model", help="preset name (80b-a3b, tiny) or checkpoint directory")
+    add_inspect_arguments(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("generate", help="stream a completion from a checkpoint directory")

@@ -370,3 +370,31 @@ def test_single_process_dims_change_nothing():
         ParallelDims(tp=2)
     with pytest.raises(ParallelConfigError, match="integers >= 1"):
         ParallelDims(dp_shard=-1)
+
+
+def test_plan_counts_every_parameter_once():
+    """Under FSDP alone the GPUs' shares add up to the model; tp and ep shrink them as the docstring says."""
+    from qwen3next.config import Qwen3NextConfig
+    from qwen3next.distributed.plan import Layout, plan
+    from qwen3next.model import count_parameters
+
+    config = Qwen3NextConfig.preset("80b-a3b")
+    total = count_parameters(config)["total"]
+    assert plan(config, Layout(dp_shard=8))["local_parameters"] * 8 == pytest.approx(total, rel=1e-12)
+    experts = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    ep8 = plan(config, Layout(ep=8))["local_parameters"]
+    assert ep8 == pytest.approx(total - experts + experts / 8, rel=1e-12)
+    tp2 = plan(config, Layout(tp=2))
+    assert tp2["local_parameters"] < total / 2 + 1e8 and tp2["comm_total"]["tp"] > 0
+
+
+def test_inspect_prints_the_plan(capsys):
+    from qwen3next.cli import main
+
+    assert main(["inspect", "80b-a3b", "--tp", "2", "--ep", "8", "--dp-shard", "4", "--seq-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "dp_shard4 x tp2 x ep8 x cp1 = 64 GPUs" in out
+    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW m, v (fp32)", "activations", "GDN+MoE", "attention+MoE"):
+        assert row in out
+    with pytest.raises(SystemExit, match="tp=3 must divide linear_num_key_heads=16"):
+        main(["inspect", "80b-a3b", "--tp", "3"])

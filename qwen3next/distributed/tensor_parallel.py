@@ -140,7 +140,8 @@ def check_tp(config, tp: int, ep: int) -> list[str]:
         errors.append(f"tp={tp} must divide num_key_value_heads={kv} or be a multiple of it (KV heads replicated)")
     if config.attention_bias:
         errors.append("tensor parallelism does not support attention_bias=True (Qwen3-Next has no attention bias)")
-    widths = [("intermediate_size", config.intermediate_size)]
+    dense = any(not config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    widths = [("intermediate_size", config.intermediate_size)] if dense else []
     if config.num_experts:
         widths.append(("shared_expert_intermediate_size", config.shared_expert_intermediate_size))
         if ep == 1:
