@@ -22,6 +22,8 @@ activation checkpointing, one micro-batch of `batch` rows of `seq_len` tokens pe
           (t k / ep pairs): its input D and gate/up/act 3 I / tp_e (tp_e = tp with expert TP, else 1);
           shared expert: t (D + 3 Is / tp) (its input is gathered: all t tokens);
       logits: t V / tp in bf16 and fp32 (the loss's exp).
+      With activation checkpointing (`recompute`, the trainer's --activation-checkpointing): each layer
+      keeps only its input (2 t D / tp bytes) and one layer at a time holds the above.
   Communication: bytes sent per GPU per step, forward + backward, ring collectives (all-gather or
   reduce-scatter of an X-byte whole: X (n - 1) / n; all-to-all: the fraction (n - 1) / n of the rows):
       TP + SP: each block (mixer, FFN) all-gathers its input and reduce-scatters its output, and the
@@ -52,6 +54,7 @@ class Layout:
     seq_len: int = 4096
     batch: int = 1
     states: str = "fp32"  # master weights, gradients, AdamW m and v: "fp32" (16 B/param) or "bf16" (8 B/param)
+    recompute: bool = False  # activation checkpointing per decoder layer
 
     @property
     def gpus(self) -> int:
@@ -139,19 +142,24 @@ def plan(config: Qwen3NextConfig, lay: Layout) -> dict:
     embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     local_total = embed / lay.tp + c.hidden_size
     biggest = embed / lay.tp
-    activations = t * c.vocab_size / lay.tp * (2 + 4)
+    logits = t * c.vocab_size / lay.tp * (2 + 4)
+    layer_activations = []
     kinds: dict[str, dict] = {}
     comm_total = {"tp": 0.0, "ep": 0.0, "cp": 0.0, "fsdp": 2 * 2 * embed / lay.tp * (F - 1) / F}
     for i, kind in enumerate(c.layer_types):
         _, local = _layer_params(c, i, lay)
         local_total += local
         biggest = max(biggest, local)
-        activations += _activations(c, i, lay, t)
+        layer_activations.append(_activations(c, i, lay, t))
         volume = _communication(c, i, lay, t, local)
         name = ("GDN" if kind == LINEAR else "attention") + ("+MoE" if c.is_moe_layer(i) else "+MLP")
         kinds.setdefault(name, {"layers": 0, **volume})["layers"] += 1
         for k, v in volume.items():
             comm_total[k] += v
+    if lay.recompute:
+        activations = logits + len(layer_activations) * 2 * t * c.hidden_size / lay.tp + max(layer_activations)
+    else:
+        activations = logits + sum(layer_activations)
     params = local_total / F
     w = 4 if lay.states == "fp32" else 2
     return {
@@ -174,7 +182,8 @@ def _mib(n: float) -> str:
 def format_plan(p: dict) -> str:
     lay = p["layout"]
     lines = [f"layout {lay} = {lay.gpus} GPUs, {lay.batch} x {lay.seq_len} tokens per dp_shard rank "
-             f"({p['tokens_per_gpu']:.0f} per GPU residual stream)", "  memory per GPU:"]
+             f"({p['tokens_per_gpu']:.0f} per GPU residual stream)"
+             + (", activation checkpointing" if lay.recompute else ""), "  memory per GPU:"]
     for name, v in p["memory"].items():
         lines.append(f"    {name:<28}{_gib(v)}")
     lines.append(f"    {'total':<28}{_gib(sum(p['memory'].values()))}")
@@ -195,6 +204,8 @@ def add_inspect_arguments(parser) -> None:
         group.add_argument(flag, type=int, default=None, help=f"{flag[2:]} ways (default 1)")
     group.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 4096)")
     group.add_argument("--batch", type=int, default=None, help="sequences per dp_shard rank (default 1)")
+    group.add_argument("--activation-checkpointing", dest="recompute", action="store_true", default=None,
+                       help="activations as with per-layer activation checkpointing")
     group.add_argument("--states", choices=["fp32", "bf16"], default=None,
                        help="master weights, gradients and AdamW states: fp32 (16 B/param, default) or bf16 (8 B/param)")
 
@@ -202,7 +213,7 @@ def add_inspect_arguments(parser) -> None:
 def print_plan_if_asked(config: Qwen3NextConfig, args) -> None:
     """Print the plan when any planning flag was given (`add_inspect_arguments`); exit with the reasons
     when the layout cannot work."""
-    values = {k: getattr(args, k, None) for k in ("tp", "ep", "cp", "dp_shard", "seq_len", "batch", "states")}
+    values = {k: getattr(args, k, None) for k in ("tp", "ep", "cp", "dp_shard", "seq_len", "batch", "states", "recompute")}
     if all(v is None for v in values.values()):
         return
     lay = Layout(**{k: v for k, v in values.items() if v is not None})
