@@ -236,7 +236,7 @@ class Trainer:
         return trainer
 
     # ----------------------------------------------------------------------------------------- steps
-    def _forward(self, batch: Batch):
+    def batch_loss(self, batch: Batch):
         """(mean cross-entropy, aux loss or None, router logits) of one packed batch."""
         ids = batch.input_ids.to(self.device)
         cu = batch.cu_seqlens.to(self.device)
@@ -256,7 +256,7 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         counts = None
         for batch in batches:
-            ce, aux, router_logits = self._forward(batch)
+            ce, aux, router_logits = self.batch_loss(batch)
             objective = ce * (batch.targets / total_targets)
             if aux is not None:
                 objective = objective + config.router_aux_loss_coef * aux / len(batches)
@@ -293,7 +293,7 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for batch in self._eval_batches:
-            ce, _, _ = self._forward(batch)
+            ce, _, _ = self.batch_loss(batch)
             total += float(ce) * batch.targets
             count += batch.targets
         self.model.train()
@@ -340,6 +340,7 @@ class Trainer:
         status, checkpoint_path = "done", None
         routing, started = None, time.perf_counter()
         previous_handler = self._install_sigint()
+        previous_determinism = _deterministic(self.device.type == "cpu")
         bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not progress, file=sys.stderr)
         try:
@@ -385,6 +386,7 @@ class Trainer:
         finally:
             bar.close()
             self._restore_sigint(previous_handler)
+            _deterministic(*previous_determinism)
         checkpoint_path = self.save()
         metrics.plot()
         metrics.close()
@@ -415,6 +417,16 @@ class Trainer:
     def _restore_sigint(previous) -> None:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _deterministic(enabled: bool, fill_memory: bool = False) -> tuple[bool, bool]:
+    """Switch torch's deterministic algorithms (returns the previous setting). On the CPU some
+    backward passes (e.g. of `x[index]`) add in a thread-dependent order unless it is on; filling
+    fresh memory with NaN, which it also turns on by default, only costs time here."""
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(enabled)
+    torch.utils.deterministic.fill_uninitialized_memory = fill_memory
+    return previous
 
 
 # --------------------------------------------------------------------------------------------- metrics
