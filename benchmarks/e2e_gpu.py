@@ -240,6 +240,7 @@ def hf_decode(hf, B, device):
 
 def profile_step(model, device, B, log):
     """Kernel-time breakdown of the static step run eagerly (what the graph replays)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     decoder, _ = ours_decode(model, B, 8, device, graphs=False)
@@ -250,7 +251,7 @@ def profile_step(model, device, B, log):
         for _ in range(3):
             decoder.step(B)
         sync(device)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, not the ops above
     total = sum(e.self_device_time_total for e in events) / 3
     count = sum(e.count for e in events) / 3
     log(f"profile: static step, batch {B}: {count:.0f} kernels, {total / 1e3:.3f} ms of kernel time per step")
@@ -278,13 +279,16 @@ def bench_variant(name, args, device, dtype, log):
     lengths = [int(x) for x in args.prefill.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
 
-    # correctness: ours and transformers agree on the same weights
+    # agreement on the same weights: ours in 3 chunks vs ours in one piece gives the spread that low
+    # precision alone causes (random routers: bf16 rounding flips near-tied expert choices)
+    ids = torch.randint(0, config.vocab_size, (1, 1000), device=device)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    last = {n: prefill(model, ids, None, HybridCache(config, 1, 1000, dtype=dtype, device=device), chunk_size=n)
+            for n in (384, 1000)}
+    msg = f"check: last-position logits, ours 3 chunks vs ours 1 chunk rel L2 {rel(last[384], last[1000]):.2e}"
     if hf is not None:
-        ids = torch.randint(0, config.vocab_size, (1, 1000), device=device)
-        cache = HybridCache(config, 1, 1000, dtype=dtype, device=device)
-        a = prefill(model, ids, None, cache, chunk_size=384).float()
-        b = hf(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
-        log(f"check: last-position logits ours (3 chunks) vs transformers, rel L2 {((a - b).norm() / b.norm()).item():.2e}")
+        msg += f"; ours vs transformers {rel(last[1000], hf(input_ids=ids, logits_to_keep=1).logits[:, -1]):.2e}"
+    log(msg)
 
     for T in lengths:
         floor = prefill_floor(config, T)

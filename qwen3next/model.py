@@ -118,19 +118,14 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.value_dim, D, bias=False)
 
-    def split_projections(self, qkvz: torch.Tensor, ba: torch.Tensor):
-        """Undo the per-key-head grouping of the fused projections.
-
-        qkvz [B, T, Hk * (2 dk + 2 r dv)], ba [B, T, Hk * 2r] (r = Hv / Hk) ->
-        q, k [B, T, Hk, dk]; v, z [B, T, Hv, dv]; b, a [B, T, Hv].
-        """
+    def split_projections(self, qkvz: torch.Tensor):
+        """Undo the per-key-head grouping of the fused projection: qkvz [B, T, Hk * (2 dk + 2 r dv)]
+        (r = Hv / Hk) -> q, k [B, T, Hk, dk]; v, z [B, T, Hv, dv]. (in_proj_ba's output goes to `gates`.)"""
         B, T, _ = qkvz.shape
         r = self.num_v_heads // self.num_k_heads
         dk, dv = self.head_k_dim, self.head_v_dim
         q, k, v, z = qkvz.view(B, T, self.num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
-        b, a = ba.view(B, T, self.num_k_heads, 2 * r).split([r, r], dim=-1)
-        v, z = v.reshape(B, T, self.num_v_heads, dv), z.reshape(B, T, self.num_v_heads, dv)
-        return q, k, v, z, b.reshape(B, T, self.num_v_heads), a.reshape(B, T, self.num_v_heads)
+        return q, k, v.reshape(B, T, self.num_v_heads, dv), z.reshape(B, T, self.num_v_heads, dv)
 
     def split_mixed(self, mixed: torch.Tensor):
         """The conv output [B, T, 2 Hk dk + Hv dv] -> q, k [B, T, Hk, dk], v [B, T, Hv, dv]."""
@@ -139,14 +134,11 @@ class GatedDeltaNet(nn.Module):
         return (q.reshape(B, T, self.num_k_heads, self.head_k_dim), k.reshape(B, T, self.num_k_heads, self.head_k_dim),
                 v.reshape(B, T, self.num_v_heads, self.head_v_dim))
 
-    def gates(self, b: torch.Tensor, a: torch.Tensor, token_mask=None):
-        """b, a [B, T, Hv] -> (beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias)), fp32 (fp64 in an
-        fp64 model); a padding step (token_mask 0) gets beta = g = 0, which leaves the state unchanged."""
-        if self.clip_val is not None:
-            b = b.clamp(-self.clip_val, self.clip_val)
-        gate_dtype = torch.promote_types(b.dtype, torch.float32)
-        beta = torch.sigmoid(b.to(gate_dtype))
-        g = -self.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + self.dt_bias.to(gate_dtype))
+    def gates(self, ba: torch.Tensor, token_mask=None):
+        """in_proj_ba's output [B, T, Hk * 2r] -> (beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias))
+        [B, T, Hv], fp32 (fp64 in an fp64 model), one fused op; a padding step (token_mask 0) gets
+        beta = g = 0, which leaves the state unchanged."""
+        beta, g = ops.gdn_gates(ba, self.A_log, self.dt_bias, self.num_k_heads, self.clip_val)
         if token_mask is not None:
             beta, g = beta * token_mask[..., None], g * token_mask[..., None]
         return beta, g
@@ -157,7 +149,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         if token_mask is not None:
             x = x * token_mask[..., None].to(x.dtype)
-        q, k, v, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
+        q, k, v, z = self.split_projections(self.in_proj_qkvz(x))
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
         conv_state = cache.conv_state if cache is not None and cache.filled else None
@@ -171,7 +163,7 @@ class GatedDeltaNet(nn.Module):
             if cache is not None:
                 cache.conv_state.copy_(new_conv_state)
         q, k, v = self.split_mixed(mixed)
-        beta, g = self.gates(b, a, token_mask)
+        beta, g = self.gates(self.in_proj_ba(x), token_mask)
 
         rule = ops.fused_recurrent_gated_delta_rule if (T == 1 or self.use_recurrent) else ops.chunk_gated_delta_rule
         o, final_state = rule(
@@ -189,11 +181,11 @@ class GatedDeltaNet(nn.Module):
         filled `LinearLayerCache`, whose conv state and recurrent state (a pool, rows `state_indices` [B]
         int32) are updated in place. Returns [B, 1, D]."""
         B = x.shape[0]
-        q, k, v, z, b, a = self.split_projections(self.in_proj_qkvz(x), self.in_proj_ba(x))
+        q, k, v, z = self.split_projections(self.in_proj_qkvz(x))
         mixed = torch.cat([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], dim=-1)
         mixed = ops.causal_conv1d_update(mixed, cache.conv_state, self.conv1d.weight.squeeze(1))
         q, k, v = self.split_mixed(mixed.unsqueeze(1))
-        beta, g = self.gates(b, a)
+        beta, g = self.gates(self.in_proj_ba(x))
         o = ops.recurrent_gated_delta_rule_update(
             q, k, v, g, beta, cache.recurrent_state, state_indices, use_qk_l2norm_in_kernel=True
         )
@@ -233,7 +225,7 @@ class GatedAttention(nn.Module):
     def output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Attention output [B, H, T, hd] times sigmoid(gate [B, T, H * hd]), through o_proj."""
         B, _, T, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate))
+        return self.o_proj(ops.sigmoid_gate(out.transpose(1, 2).reshape(B, T, -1), gate))
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
         """x [B, T, D]; cos/sin [B, T, r]; attn_mask: bool [B, 1, T, S] (True = attend), a
@@ -315,8 +307,8 @@ class SparseMoE(nn.Module):
         router_logits = F.linear(flat, self.gate.weight)
         weights, ids = ops.route(router_logits, self.top_k, self.norm_topk_prob)
         routed = ops.moe_experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        shared = self.shared_expert(flat) * torch.sigmoid(self.shared_expert_gate(flat))
-        return (routed + shared).view_as(x), router_logits
+        out = ops.sigmoid_gate(self.shared_expert(flat), self.shared_expert_gate(flat), routed)
+        return out.view_as(x), router_logits
 
 
 # --------------------------------------------------------------------------------------------- stack
@@ -339,7 +331,7 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn(h, ctx.token_mask, cache, ctx.cu_seqlens)
         else:
             h = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache)
-        return self.ffn(x + h)
+        return self.ffn(x, h)
 
     def decode_step(self, x, step: "DecodeInputs", cache):
         """The graph-safe one-token step (see `GatedDeltaNet.decode_step`, `GatedAttention.decode_step`)."""
@@ -348,11 +340,14 @@ class DecoderLayer(nn.Module):
             h = self.linear_attn.decode_step(h, cache, step.state_indices)
         else:
             h = self.self_attn.decode_step(h, step.cos, step.sin, cache, step.slot, step.key_mask)
-        return self.ffn(x + h)[0]
+        return self.ffn(x, h)[0]
 
-    def ffn(self, x):
-        """x + FFN(post_attention_layernorm(x)) and the router logits (None for a dense MLP)."""
-        h = self.mlp(self.post_attention_layernorm(x))
+    def ffn(self, x, h):
+        """With s = x + h (the mixer's output added to the residual stream): s + FFN(post_attention_layernorm(s))
+        and the router logits (None for a dense MLP). The add and the norm are one fused op."""
+        norm = self.post_attention_layernorm
+        x, h = ops.add_rms_norm(x, h, norm.weight, norm.eps)
+        h = self.mlp(h)
         router_logits = None
         if self.is_moe:
             h, router_logits = h

@@ -23,7 +23,7 @@ def _prompts(batch, length, device="cpu", pad_rows=()):
     ids = torch.randint(1, 257, (batch, length), device=device)
     mask = torch.ones_like(ids)
     for i, row in enumerate(pad_rows):
-        mask[row, : 2 + i] = 0
+        mask[row, : 1 + (1 + i) % (length - 1)] = 0  # 1 .. length - 1 padding tokens
     return ids, mask
 
 

@@ -1,0 +1,54 @@
+"""Reference element-wise epilogues that the model fuses on the GPU (plain PyTorch, the model's exact ops).
+
+Each one replaces several small launches in a decode step (see `benchmarks/e2e_gpu.py --profile`):
+  gdn_gates     the Gated DeltaNet layer's write strength and decay from its `in_proj_ba` output
+  add_rms_norm  the residual add and the zero-centred RMSNorm after it
+  sigmoid_gate  x * sigmoid(gate) (+ residual): attention's output gate, the shared expert's gate
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .norms import rms_norm_ref
+
+
+def check_gdn_gates_inputs(ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, num_k_heads: int) -> int:
+    """Validate; return r = Hv / Hk, the value heads per key head."""
+    Hv = A_log.shape[0] if A_log.dim() == 1 else -1
+    if Hv < 1 or dt_bias.shape != (Hv,):
+        raise ValueError(f"A_log and dt_bias must both be [Hv]; got {tuple(A_log.shape)}, {tuple(dt_bias.shape)}")
+    if num_k_heads < 1 or Hv % num_k_heads:
+        raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({num_k_heads})")
+    if ba.shape[-1] != 2 * Hv or not ba.is_floating_point():
+        raise ValueError(f"ba must be a floating [..., 2 Hv = {2 * Hv}] tensor; got {ba.dtype} {tuple(ba.shape)}")
+    return Hv // num_k_heads
+
+
+def gdn_gates_ref(ba, A_log, dt_bias, num_k_heads: int, clip_val: float | None = None):
+    """ba [..., Hk * 2r] (per key head: r columns of b, then r of a; Hv = Hk r) -> (beta, g) [..., Hv]:
+    beta = sigmoid(b) (b clamped to [-clip_val, clip_val] if given), g = -exp(A_log) softplus(a + dt_bias),
+    in fp32 (fp64 for fp64 inputs)."""
+    r = check_gdn_gates_inputs(ba, A_log, dt_bias, num_k_heads)
+    lead, Hv = ba.shape[:-1], A_log.shape[0]
+    b, a = ba.reshape(*lead, num_k_heads, 2 * r).split([r, r], dim=-1)
+    b, a = b.reshape(*lead, Hv), a.reshape(*lead, Hv)
+    if clip_val is not None:
+        b = b.clamp(-clip_val, clip_val)
+    dtype = torch.promote_types(b.dtype, torch.float32)
+    beta = torch.sigmoid(b.to(dtype))
+    g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+    return beta, g
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """(s, rms_norm(s)) with s = x + residual in x's dtype; x, residual [..., D], weight [D]."""
+    s = x + residual
+    return s, rms_norm_ref(s, weight, eps)
+
+
+def sigmoid_gate_ref(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x * sigmoid(gate), plus `residual` if given; x [..., D], gate [..., D] or [..., 1], residual like x."""
+    out = x * torch.sigmoid(gate)
+    return out if residual is None else residual + out

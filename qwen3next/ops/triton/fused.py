@@ -1,0 +1,142 @@
+"""Triton element-wise epilogues: one launch each for what the references in `qwen3next.ops.fused` do in
+several. Same contracts; inference only: under autograd (an input that requires grad) and for fp64 they
+run the reference. Arithmetic is fp32 with one final rounding, so results differ from the references
+(which round after each op in low precision) by at most the output's rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fused import add_rms_norm_ref, check_gdn_gates_inputs, gdn_gates_ref, sigmoid_gate_ref
+
+
+def _reference_needed(*tensors) -> bool:
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return grad or any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def _row_block(D: int) -> tuple[int, int]:
+    """(BLOCK_D, rows per program) for rows of D elements."""
+    block_d = triton.next_power_of_2(D)
+    return block_d, max(1, min(16, 4096 // block_d))
+
+
+# ---------------------------------------------------------------------------------------------------- gates
+@triton.jit
+def _gdn_gates_kernel(ba, A_log, dt_bias, beta, g, n_rows, stride_row, clip,
+                      HV: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr,
+                      HAS_CLIP: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    h = tl.arange(0, BLOCK_H)
+    hmask = h < HV
+    col_b = (h // R) * (2 * R) + h % R  # value head h: key head h // R, its (h % R)-th b column; a is R later
+    mask = (rows < n_rows)[:, None] & hmask[None, :]
+    src = ba + rows[:, None] * stride_row + col_b[None, :]
+    b = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(src + R, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CLIP:
+        b = tl.minimum(tl.maximum(b, -clip), clip)
+    x = a + tl.load(dt_bias + h, mask=hmask, other=0.0).to(tl.float32)[None, :]
+    softplus = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+    decay = -tl.exp(tl.load(A_log + h, mask=hmask, other=0.0).to(tl.float32))[None, :] * softplus
+    dst = rows[:, None] * HV + h[None, :]
+    tl.store(beta + dst, tl.sigmoid(b), mask=mask)
+    tl.store(g + dst, decay, mask=mask)
+
+
+def gdn_gates(ba, A_log, dt_bias, num_k_heads: int, clip_val: float | None = None):
+    """Triton `gdn_gates_ref`: ba [..., Hk * 2r] -> (beta, g) [..., Hv] fp32, in one launch."""
+    r = check_gdn_gates_inputs(ba, A_log, dt_bias, num_k_heads)
+    if _reference_needed(ba, A_log, dt_bias):
+        return gdn_gates_ref(ba, A_log, dt_bias, num_k_heads, clip_val)
+    Hv = A_log.shape[0]
+    rows = ba.reshape(-1, 2 * Hv)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n = rows.shape[0]
+    beta = torch.empty(n, Hv, dtype=torch.float32, device=ba.device)
+    g = torch.empty_like(beta)
+    block_h = triton.next_power_of_2(Hv)
+    per = max(1, min(64, 2048 // block_h))
+    if n:
+        _gdn_gates_kernel[(triton.cdiv(n, per),)](
+            rows, A_log, dt_bias, beta, g, n, rows.stride(0), float(clip_val or 0.0), HV=Hv, R=r,
+            BLOCK_H=block_h, ROWS=per, HAS_CLIP=clip_val is not None, num_warps=4)
+    shape = (*ba.shape[:-1], Hv)
+    return beta.view(shape), g.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------------- add + norm
+@triton.jit
+def _add_rms_norm_kernel(x, res, w, s, y, n_rows, D, eps, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < n_rows)[:, None] & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    total = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(res + offs, mask=mask, other=0.0).to(tl.float32)
+    total = total.to(s.dtype.element_ty)  # the sum is rounded to the activation dtype, as torch's add does
+    tl.store(s + offs, total, mask=mask)
+    sf = total.to(tl.float32)
+    normed = sf * tl.rsqrt(tl.sum(sf * sf, 1) / D + eps)[:, None]
+    wf = tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(y + offs, (normed * (1.0 + wf)[None, :]).to(y.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """Triton `add_rms_norm_ref`: (x + residual, rms_norm(x + residual)) in one pass."""
+    if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (x.shape[-1],):
+        raise ValueError(f"need x and residual of one shape and dtype and weight [D]; got {tuple(x.shape)} "
+                         f"{x.dtype}, {tuple(residual.shape)} {residual.dtype}, {tuple(weight.shape)}")
+    if _reference_needed(x, residual, weight):
+        return add_rms_norm_ref(x, residual, weight, eps)
+    D = x.shape[-1]
+    xr, rr = x.contiguous().view(-1, D), residual.contiguous().view(-1, D)
+    s, y = torch.empty_like(xr), torch.empty_like(xr)
+    block_d, per = _row_block(D)
+    if xr.shape[0]:
+        _add_rms_norm_kernel[(triton.cdiv(xr.shape[0], per),)](
+            xr, rr, weight, s, y, xr.shape[0], D, eps, BLOCK_D=block_d, ROWS=per,
+            num_warps=4 if block_d <= 1024 else 8)
+    return s.view(x.shape), y.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------- gate
+@triton.jit
+def _sigmoid_gate_kernel(x, gate, res, out, D, gate_stride, BLOCK: tl.constexpr, BCAST: tl.constexpr,
+                         HAS_RES: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < D
+    xv = tl.load(x + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if BCAST:
+        gv = tl.load(gate + row * gate_stride).to(tl.float32)
+    else:
+        gv = tl.load(gate + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    o = xv * tl.sigmoid(gv)
+    if HAS_RES:
+        o += tl.load(res + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + row * D + cols, o.to(out.dtype.element_ty), mask=mask)
+
+
+def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton `sigmoid_gate_ref`: x * sigmoid(gate) (+ residual), one launch."""
+    D = x.shape[-1]
+    if gate.shape not in (x.shape, (*x.shape[:-1], 1)) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"gate must be like x {tuple(x.shape)} or [..., 1], residual like x; got "
+                         f"{tuple(gate.shape)}, {None if residual is None else tuple(residual.shape)}")
+    if _reference_needed(x, gate, residual):
+        return sigmoid_gate_ref(x, gate, residual)
+    xr = x.contiguous().view(-1, D)
+    gr = gate.contiguous().view(xr.shape[0], -1)
+    rr = residual.contiguous().view(-1, D) if residual is not None else xr
+    out = torch.empty_like(xr)
+    block = min(1024, triton.next_power_of_2(D))
+    if xr.shape[0]:
+        _sigmoid_gate_kernel[(xr.shape[0], triton.cdiv(D, block))](
+            xr, gr, rr, out, D, gr.stride(0), BLOCK=block, BCAST=gr.shape[1] == 1 and D > 1,
+            HAS_RES=residual is not None, num_warps=4)
+    return out.view(x.shape)

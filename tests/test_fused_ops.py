@@ -1,0 +1,119 @@
+"""Fused element-wise epilogues (`qwen3next.ops.fused`): the references against per-element formulas, the
+Triton kernels against the references (fp32 in Triton's interpreter on the CPU, bf16 on a GPU)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import rel_err
+from qwen3next.ops.fused import add_rms_norm_ref, gdn_gates_ref, sigmoid_gate_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton():
+    pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot run")
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA device and TRITON_INTERPRET is not 1")
+    from qwen3next.ops.triton import fused
+
+    return fused
+
+
+def _tol(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _gates_inputs(lead, Hk, r, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Hv = Hk * r
+    ba = (torch.randn(*lead, 2 * Hv, generator=g) * 4).to(DEVICE, dtype)  # wide: softplus' both branches
+    A_log = torch.empty(Hv).uniform_(0.01, 16, generator=g).log().to(DEVICE)
+    dt_bias = torch.randn(Hv, generator=g).to(DEVICE)
+    return ba, A_log, dt_bias
+
+
+@pytest.mark.parametrize("Hk,r", [(2, 2), (3, 1), (1, 5)])
+@pytest.mark.parametrize("clip", [None, 1.5])
+def test_gdn_gates_reference_picks_each_heads_columns(Hk, r, clip):
+    ba, A_log, dt_bias = _gates_inputs((2, 3), Hk, r, torch.float64)
+    beta, g = gdn_gates_ref(ba, A_log.double(), dt_bias.double(), Hk, clip)
+    for h in range(Hk * r):
+        j, i = divmod(h, r)
+        b, a = ba[..., j * 2 * r + i], ba[..., j * 2 * r + r + i]
+        if clip is not None:
+            b = b.clamp(-clip, clip)
+        assert torch.allclose(beta[..., h], torch.sigmoid(b))
+        assert torch.allclose(g[..., h], -A_log[h].double().exp() * F.softplus(a + dt_bias[h].double()))
+    assert beta.dtype == g.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,Hk,r", [((1, 1), 16, 2), ((3, 37), 2, 2), ((5,), 3, 1)])
+@pytest.mark.parametrize("clip", [None, 2.0])
+def test_gdn_gates_kernel(dtype, lead, Hk, r, clip):
+    fused = _triton()
+    ba, A_log, dt_bias = _gates_inputs(lead, Hk, r, dtype, seed=len(lead) + Hk)
+    want = gdn_gates_ref(ba, A_log, dt_bias, Hk, clip)
+    got = fused.gdn_gates(ba, A_log, dt_bias, Hk, clip)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == torch.float32 and not a.isnan().any()
+        assert rel_err(a, b) <= 1e-5  # fp32 arithmetic on the same rounded inputs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 7, 100), (2, 2048)])
+def test_add_rms_norm_kernel(dtype, shape):
+    fused = _triton()
+    g = torch.Generator().manual_seed(shape[-1])
+    x, res = (torch.randn(*shape, generator=g).to(DEVICE, dtype) for _ in range(2))
+    w = (torch.randn(shape[-1], generator=g) * 0.1).to(DEVICE, dtype)
+    s, y = fused.add_rms_norm(x, res, w, 1e-6)
+    s_ref, y_ref = add_rms_norm_ref(x, res, w, 1e-6)
+    assert torch.equal(s, s_ref)  # one rounding of an exact fp32 sum, as torch's add
+    assert rel_err(y, y_ref) <= _tol(dtype) and not y.isnan().any()
+    assert torch.allclose(y_ref.double(), (s.double() / s.double().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+                          * (1 + w.double()), rtol=_tol(dtype), atol=_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,bcast,residual", [((2, 3, 96), False, False), ((5, 2048), True, True),
+                                                  ((1, 1, 33), False, True), ((7, 1), True, False)])
+def test_sigmoid_gate_kernel(dtype, shape, bcast, residual):
+    fused = _triton()
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g).to(DEVICE, dtype)
+    gate = torch.randn(*shape[:-1], 1 if bcast else shape[-1], generator=g).to(DEVICE, dtype)
+    res = torch.randn(*shape, generator=g).to(DEVICE, dtype) if residual else None
+    got = fused.sigmoid_gate(x, gate, res)
+    want = sigmoid_gate_ref(x, gate, res)
+    assert rel_err(got, want) <= _tol(dtype) and not got.isnan().any()
+    plain = x.double() * torch.sigmoid(gate.double()) + (0 if res is None else res.double())
+    assert rel_err(want, plain) <= _tol(dtype)
+
+
+def test_kernels_defer_to_the_reference_under_autograd():
+    fused = _triton()
+    x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+    gate = torch.randn(3, 1, device=DEVICE)
+    fused.sigmoid_gate(x, gate).sum().backward()
+    assert torch.allclose(x.grad, torch.sigmoid(gate).expand(3, 8))
+
+
+def test_bad_inputs():
+    fused = _triton()
+    ba, A_log, dt_bias = _gates_inputs((2,), 2, 2, torch.float32)
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        fused.gdn_gates(ba, A_log, dt_bias, 3)
+    with pytest.raises(ValueError, match="ba must be"):
+        fused.gdn_gates(ba[..., :-1], A_log, dt_bias, 2)
+    x = torch.randn(2, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        fused.add_rms_norm(x, x[:1], torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="gate must be like x"):
+        fused.sigmoid_gate(x, torch.randn(2, 3, device=DEVICE))
