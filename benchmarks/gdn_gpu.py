@@ -210,39 +210,18 @@ def time_chunk(fla_chunk, quick):
 
 
 @section
-def time_breakdown():
-    """Where the time goes, per kernel, and the sequential kernel's dv block and pipelining depth."""
+def time_block_v():
+    """The sequential forward kernel's dv block (more programs vs. less redundant work) at B=1 and B=8."""
     for B, T in ((1, 65536), (8, 8192)):
         q, k, v, g, beta = gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=3)
         layout = tgd._Layout(B, T, None, q.device)
         qp, kp, vp = q.view(B * T, HK, D), k.view(B * T, HK, D), v.view(B * T, HV, D)
         gp, bp = g.view(B * T, HV), beta.view(B * T, HV)
-        row = RESULTS["block_v"].setdefault(f"{B}x{T}", {})
-        bufs = [torch.empty(B * T, HV, n, dtype=q.dtype, device="cuda") for n in (64, D, D, 64)]
-        fqk = torch.empty(B * T, HV, 2, device="cuda")
-        row["prepare"] = bench(lambda: tgd._chunk_prepare_kernel[(layout.NC, HV)](
-            qp, kp, vp, gp, bp, *bufs, fqk, layout.cu, layout.chunk_seq, layout.chunk_pos, D ** -0.5,
-            HK=HK, HV=HV, DK=D, DV=D, BK=D, BKC=64, BV=64, L2NORM=True, PREC="tf32", num_warps=8))
         for bv in (16, 32, 64):
-            for stages in (1, 2, 3):
-                row[f"fwd BV={bv} stages={stages}"] = bench(lambda: tgd._chunk_forward(
-                    qp, kp, vp, gp, bp, D ** -0.5, None, True, True, layout, False, block_v=bv, stages=stages))
-        o, _, saved = tgd._chunk_forward(qp, kp, vp, gp, bp, D ** -0.5, None, True, True, layout, True)
-        row["fwd saving states"] = bench(lambda: tgd._chunk_forward(qp, kp, vp, gp, bp, D ** -0.5, None, True, True,
-                                                                    layout, True))
-        do = torch.randn_like(o)
-        row["bwd"] = bench(lambda: tgd._chunk_backward(qp, kp, vp, gp, bp, saved, do, None, D ** -0.5, True, layout,
-                                                       False))
-        tinv, w, pmat, fqk2, hs = saved
-        dhs = torch.empty_like(hs)
-        bv = tgd._block_v(layout.N * HV, D, q.device)
-        row["bwd state kernel"] = bench(lambda: tgd._chunk_bwd_state_kernel[(D // bv, HV, layout.N)](
-            qp, kp, w, gp, pmat, fqk2, do, do, do, dhs, layout.cu, layout.chunk_off, HK=HK, HV=HV, DK=D, DV=D, BK=D,
-            BV=bv, HAS_DHT=False, STORE_DH0=False, PREC="tf32", num_warps=4))
-        for name, ms in row.items():
-            print(f"{B}x{T} {name}: {ms:.3f} ms", flush=True)
-        del q, k, v, g, beta, qp, kp, vp, gp, bp, bufs, o, saved, do, tinv, w, pmat, fqk2, hs, dhs
-        torch.cuda.empty_cache()
+            ms = bench(lambda: tgd._chunk_forward(qp, kp, vp, gp, bp, D ** -0.5, None, True, True, layout, False,
+                                                  block_v=bv))
+            RESULTS["block_v"][f"{B}x{T} BV={bv}"] = ms
+            print(f"forward {B}x{T} BV={bv}: {ms:.3f} ms", flush=True)
 
 
 @section
@@ -295,7 +274,7 @@ def main():
     check_conv_norms()
     time_copy()
     time_chunk(fla_chunk, args.quick)
-    time_breakdown()
+    time_block_v()
     time_decode(fla_recurrent)
 
     env = RESULTS["env"]

@@ -11,20 +11,22 @@ non-positive number; A_ij = beta_i exp(c_i - c_j) k_i.k_j for j < i; T = (I + A)
     o = exp(c) * (q S) + (P d),  P_ij = exp(c_i - c_j) q_i.k_j for j <= i
     S <- exp(c_C) S + (exp(c_C - c) * k)^T d
 Kernels:
-  1. `_chunk_prepare_kernel`, parallel over chunks x value heads: everything that does not depend on
-     the state. T by forward substitution on the four 16x16 diagonal blocks and block products for the
-     rest; then P (masked, decayed q^ k^T), w = T (beta exp(c) k^), u = T (beta v) and the per-row
-     q/k factors (L2 norm, scale), which the other kernels fold into their products.
+  1. `_chunk_inverse_kernel`, parallel over chunks x value heads: T of every chunk, by forward
+     substitution on the four 16x16 diagonal blocks and block products for the rest. Writes only T
+     (64 numbers per token and head, in the input dtype).
   2. `_chunk_fwd_kernel`, sequential over a sequence's chunks, parallel over sequences x value heads x
      dv blocks (the columns of S evolve independently, so splitting dv gives B = 1 enough programs).
-     Holds S in registers; per chunk only four products: d = u - w S, o = exp(c) fq (q S) + P d and the
-     state update. o is written directly: fla writes every chunk's state and v_new to memory and reads
-     them back in a third kernel. For training it also saves S at each chunk start.
+     Holds S in registers and writes o directly: where fla writes w, u, v_new and every chunk's state to
+     memory and reads them back, this writes nothing per chunk in inference. For training it also saves S
+     at each chunk start. (A variant that moved P, w = T (beta exp(c) k) and u = T (beta v) into kernel 1,
+     leaving four products a chunk here, ran 1.5-2.5x slower on an H100: it reads more per chunk and its
+     shared memory allows one program per multiprocessor. See BENCHMARKS.md.)
   3. `_chunk_bwd_state_kernel`, sequential in reverse: dS at every chunk end (and d initial state):
-        dd = P^T dO + (exp(c_C - c) * k^) dS',  dS = exp(c_C) dS' + (exp(c) * q^)^T dO - w^T dd.
+        dd = P^T dO + (exp(c_C - c) * k) dS',  y = T^T dd,
+        dS = exp(c_C) dS' + (exp(c) * q)^T dO - (beta exp(c) * k)^T y.
   4. `_chunk_bwd_kernel`, parallel over chunks x value heads: from the chunk's S and dS' it recomputes
-     d, dd and y = T^T dd (a loop over dv blocks) and forms dq, dk, dv, dbeta and dg (a reverse cumsum
-     of the gradient of c). dq/dk are per value head; torch sums them over the group, then the L2-norm
+     d, dd and y (a loop over dv blocks) and forms dq, dk, dv, dbeta and dg (a reverse cumsum of the
+     gradient of c). dq/dk are per value head; torch sums them over the group, then the L2-norm
      backward kernel applies when the norm is in-kernel.
 
 Decode: `_recurrent_kernel` runs the recurrence token by token with S in registers, one program per
@@ -112,14 +114,6 @@ def _load_gates(g, beta, t, tmask, hv, HV: tl.constexpr):
 
 
 @triton.jit
-def _load_factors(fqk, t, tmask, hv, HV: tl.constexpr):
-    """(fq, fk): the per-row factors of q (norm x scale) and k (norm) written by the prepare kernel."""
-    fq = tl.load(fqk + (t * HV + hv) * 2, mask=tmask, other=0.0)
-    fk = tl.load(fqk + (t * HV + hv) * 2 + 1, mask=tmask, other=0.0)
-    return fq, fk
-
-
-@triton.jit
 def _decay_matrix(c, causal):
     """exp(c_i - c_j) where `causal` (j <= i or j < i), else 0."""
     return tl.where(causal, tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)), 0.0)
@@ -174,10 +168,9 @@ def _store_block(ptr, t0, eos, hv, HV: tl.constexpr, i: tl.constexpr, j: tl.cons
 
 
 @triton.jit
-def _chunk_prepare_kernel(q, k, v, g, beta, tinv, w, u, pmat, fqk, cu, chunk_seq, chunk_pos, scale,
-                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                          BK: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr,
-                          PREC: tl.constexpr):
+def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
+                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BKC: tl.constexpr,
+                          L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
     hk = hv // (HV // HK)
     n = tl.load(chunk_seq + cid)
@@ -263,29 +256,6 @@ def _chunk_prepare_kernel(q, k, v, g, beta, tinv, w, u, pmat, fqk, cu, chunk_seq
     _store_block(tinv, t0, eos, hv, HV, 3, 1, t31)
     _store_block(tinv, t0, eos, hv, HV, 3, 2, t32)
     _store_block(tinv, t0, eos, hv, HV, 3, 3, t33)
-    tl.debug_barrier()  # T is read back whole below (same program: a CTA barrier makes it visible)
-    # everything else that does not depend on the state: P, w = T (beta exp(c) k^), u = T (beta v), factors
-    rt = tl.arange(0, 64)
-    t = t0 + rt
-    tm = t < eos
-    dt = k.dtype.element_ty
-    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    fq = _row_factor(qd, L2NORM) * scale
-    fk = _row_factor(kd, L2NORM)
-    c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-    tl.store(fqk + (t * HV + hv) * 2, fq, mask=tm)
-    tl.store(fqk + (t * HV + hv) * 2 + 1, fk, mask=tm)
-    p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
-        * _decay_matrix(c, rt[:, None] >= rt[None, :])
-    _tile_store(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64, p)
-    tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
-    wb = tl.dot(tb, (kd.to(tl.float32) * (bb * tl.exp(c) * fk)[:, None]).to(dt), input_precision=PREC)
-    _tile_store(w, bos, L, hv, HV, DK, r0, 0, 64, BK, wb)
-    for v0 in range(0, DV, BV):
-        vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV)
-        ub = tl.dot(tb, (vb.to(tl.float32) * bb[:, None]).to(dt), input_precision=PREC)
-        _tile_store(u, bos, L, hv, HV, DV, r0, v0, 64, BV, ub)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -293,9 +263,9 @@ def _chunk_prepare_kernel(q, k, v, g, beta, tinv, w, u, pmat, fqk, cu, chunk_seq
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, w, u, g, pmat, fqk, h0, o, ht, hs, cu, chunk_off,
+def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scale,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, PREC: tl.constexpr):
     iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = hv // (HV // HK)
@@ -318,18 +288,20 @@ def _chunk_fwd_kernel(q, k, w, u, g, pmat, fqk, h0, o, ht, hs, cu, chunk_off,
             _state_store(hs, coff + ci, hv, HV, DK, DV, v0, BK, BV, S.to(hs.dtype.element_ty))
         qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
         kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-        wd = _tile_load(w, bos, L, hv, HV, DK, r0, 0, 64, BK)
-        ub = _tile_load(u, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
-        pd = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
-        gb = tl.load(g + t * HV + hv, mask=tm, other=0.0)
-        c = tl.cumsum(gb, 0)
-        c_last = tl.sum(gb, 0)
-        fq, fk = _load_factors(fqk, t, tm, hv, HV)
+        fq = _row_factor(qd, L2NORM) * scale
+        fk = _row_factor(kd, L2NORM)
+        vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
+        c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
+        tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        gam = tl.exp(c)
         sd = S.to(dt)
-        df = ub - tl.dot(wd, sd, input_precision=PREC)                 # d = u - w S
-        ob = (tl.exp(c) * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
-            + tl.dot(pd, df.to(dt), input_precision=PREC)
-        _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob)
+        ks = tl.dot(kd, sd, input_precision=PREC)
+        df = tl.dot(tb, (bb[:, None] * (vb - (gam * fk)[:, None] * ks)).to(dt), input_precision=PREC)
+        p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+            * _decay_matrix(c, rt[:, None] >= rt[None, :])
+        ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
+            + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
+        _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
         S = S * tl.exp(c_last) + tl.dot(tl.trans(kd), (df * (tl.exp(c_last - c) * fk)[:, None]).to(dt),
                                         input_precision=PREC)
     if STORE_HT:
@@ -341,9 +313,9 @@ def _chunk_fwd_kernel(q, k, w, u, g, pmat, fqk, h0, o, ht, hs, cu, chunk_off,
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_state_kernel(q, k, w, g, pmat, fqk, do, dht, dh0, dhs, cu, chunk_off,
+def _chunk_bwd_state_kernel(q, k, g, beta, tinv, do, dht, dh0, dhs, cu, chunk_off, scale,
                             HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_DHT: tl.constexpr,
                             STORE_DH0: tl.constexpr, PREC: tl.constexpr):
     iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = hv // (HV // HK)
@@ -367,18 +339,20 @@ def _chunk_bwd_state_kernel(q, k, w, g, pmat, fqk, do, dht, dh0, dhs, cu, chunk_
         tm = t < eos
         qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
         kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-        wd = _tile_load(w, bos, L, hv, HV, DK, r0, 0, 64, BK)
-        pd = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        fq = _row_factor(qd, L2NORM) * scale
+        fk = _row_factor(kd, L2NORM)
+        c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
+        tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
         dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
-        gb = tl.load(g + t * HV + hv, mask=tm, other=0.0)
-        c = tl.cumsum(gb, 0)
-        c_last = tl.sum(gb, 0)
-        fq, fk = _load_factors(fqk, t, tm, hv, HV)
-        dd = tl.dot(tl.trans(pd), dob, input_precision=PREC) \
+        gam = tl.exp(c)
+        p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+            * _decay_matrix(c, rt[:, None] >= rt[None, :])
+        dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
             + (tl.exp(c_last - c) * fk)[:, None] * tl.dot(kd, dS.to(dt), input_precision=PREC)
+        y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
         dS = dS * tl.exp(c_last) \
-            + tl.dot(tl.trans(qd), (dob.to(tl.float32) * (tl.exp(c) * fq)[:, None]).to(dt), input_precision=PREC) \
-            - tl.dot(tl.trans(wd), dd.to(dt), input_precision=PREC)      # (beta exp(c) k^)^T T^T dd = w^T dd
+            + tl.dot(tl.trans(qd), (dob.to(tl.float32) * (gam * fq)[:, None]).to(dt), input_precision=PREC) \
+            - tl.dot(tl.trans(kd), (y * (bb * gam * fk)[:, None]).to(dt), input_precision=PREC)
     if STORE_DH0:
         _state_store(dh0, n, hv, HV, DK, DV, v0, BK, BV, dS)
 
@@ -388,9 +362,9 @@ def _chunk_bwd_state_kernel(q, k, w, g, pmat, fqk, do, dht, dh0, dhs, cu, chunk_
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_kernel(q, k, v, g, beta, tinv, pmat, fqk, hs, dhs, do, dq, dk, dv, dg, dbeta, cu, chunk_seq,
-                      chunk_pos, scale, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
-                      DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, cu, chunk_seq, chunk_pos, scale,
+                      HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
     hk = hv // (HV // HK)
     n = tl.load(chunk_seq + cid)
@@ -404,12 +378,14 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, pmat, fqk, hs, dhs, do, dq, dk, dv
     dt = q.dtype.element_ty
     qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
     kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    fq, fk = _load_factors(fqk, t, tm, hv, HV)
+    fq = _row_factor(qd, L2NORM) * scale
+    fk = _row_factor(kd, L2NORM)
     c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
     tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
-    pd = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
     gam = tl.exp(c)
     e = tl.exp(c_last - c)
+    pd = (tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :])
+          * _decay_matrix(c, rt[:, None] >= rt[None, :])).to(dt)                       # P, normalised q and k
     acc_q = tl.zeros([64, BK], dtype=tl.float32)      # exp(c) * (dO S^T)
     acc_k = tl.zeros([64, BK], dtype=tl.float32)      # e * (d dS'^T) - beta exp(c) * (y S^T)
     dp = tl.zeros([64, 64], dtype=tl.float32)         # dO d^T
@@ -440,9 +416,12 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, pmat, fqk, hs, dhs, do, dq, dk, dv
         acc_k -= tl.dot((y * (bb * gam)[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
         dp += tl.dot(dob, tl.trans(d_d), input_precision=PREC)
         da -= tl.dot(y.to(dt), tl.trans(d_d), input_precision=PREC)
-    dpe = dp * _decay_matrix(c, rt[:, None] >= rt[None, :])     # masked to j <= i
+    # recomputed rather than kept live through the loop (registers)
+    decay = _decay_matrix(c, rt[:, None] >= rt[None, :])
+    qk = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :])
+    dpe = dp * decay                                  # masked to j <= i by decay
     dq_b = acc_q + tl.dot((dpe * fk[None, :]).to(dt), kd, input_precision=PREC)
-    m1 = dp * pd.to(tl.float32)                                  # dP * P
+    m1 = dpe * qk
     dc += fq * tl.sum(qd.to(tl.float32) * acc_q, 1) + tl.sum(m1, 1) - tl.sum(m1, 0) - z
     ga = da * _decay_matrix(c, rt[:, None] > rt[None, :])
     kk = tl.dot(kd, tl.trans(kd), input_precision=PREC) * (fk[:, None] * fk[None, :])
@@ -528,12 +507,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16)) -> int:
-    """The widest dv block that still gives nearly every multiprocessor a program: the sequential kernels
-    parallelise only over sequences x heads x dv blocks, and their shared memory allows one program per
-    multiprocessor, so more programs than multiprocessors run in waves."""
+def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16), waves: float = 0.9) -> int:
+    """The widest dv block that gives at least `waves` x (multiprocessors) programs: these kernels
+    parallelise only over sequences x heads x dv blocks. Measured on an H100 (BENCHMARKS.md): the chunked
+    forward at 1 x 65536 runs 6.4 ms with dv blocks of 32 (128 programs), 7.0 with 16 and 7.5 with 64."""
     for bv in choices:
-        if programs_per_block * triton.cdiv(DV, bv) >= 0.9 * num_sms(device):
+        if programs_per_block * triton.cdiv(DV, bv) >= waves * num_sms(device):
             return min(bv, triton.next_power_of_2(DV))
     return min(choices[-1], triton.next_power_of_2(DV))
 
@@ -552,38 +531,32 @@ class _Layout:
         self.chunk_off = torch.tensor(starts, dtype=torch.int32, device=device)
 
 
-def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, block_v=None,
-                   stages=2):
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, block_v=None):
     """Kernels 1 and 2 on packed, contiguous inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv], g, beta
-    [tokens, Hv] fp32. Returns (o, final state or None, saved): `saved` holds what the backward reads
-    (T, w, P, the q/k factors and the chunk-start states) when `save_states`, else None."""
+    [tokens, Hv] fp32. Returns (o, final state or None, T, chunk-start states or None)."""
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
     BK = max(16, triton.next_power_of_2(DK))
     prec = _precision(q.dtype)
-    new = lambda *shape, dtype=q.dtype: torch.empty(*shape, dtype=dtype, device=q.device)  # noqa: E731
-    tinv, pmat, fqk = new(n_tok, HV, CHUNK), new(n_tok, HV, CHUNK), new(n_tok, HV, 2, dtype=torch.float32)
-    w, u = new(n_tok, HV, DK), new(n_tok, HV, DV)
+    tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
     if layout.NC:
-        _chunk_prepare_kernel[(layout.NC, HV)](
-            q, k, v, g, beta, tinv, w, u, pmat, fqk, layout.cu, layout.chunk_seq, layout.chunk_pos, scale,
-            HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BKC=min(BK, 64), BV=min(64, triton.next_power_of_2(DV)),
-            L2NORM=l2norm, PREC=prec, num_warps=8)
+        _chunk_inverse_kernel[(layout.NC, HV)](k, g, beta, tinv, layout.cu, layout.chunk_seq, layout.chunk_pos,
+                                               HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
+                                               num_warps=4)
     o = torch.empty_like(v)
-    ht = new(layout.N, HV, DK, DV, dtype=torch.float32) if output_final_state else None
-    hs = new(layout.NC, HV, DK, DV) if save_states else None
+    ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
+    hs = torch.empty(layout.NC, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
     BV = block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
-        q, k, w, u, g, pmat, fqk, h0 if h0 is not None else o, o, ht if ht is not None else o,
-        hs if hs is not None else o, layout.cu, layout.chunk_off,
-        HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, HAS_H0=h0 is not None,
-        STORE_HT=output_final_state, STORE_HS=save_states, PREC=prec, num_warps=4, num_stages=stages)
-    return o, ht, ((tinv, w, pmat, fqk, hs) if save_states else None)
+        q, k, v, g, beta, tinv, h0 if h0 is not None else o, o, ht if ht is not None else o,
+        hs if hs is not None else o, layout.cu, layout.chunk_off, scale,
+        HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
+        STORE_HT=output_final_state, STORE_HS=save_states, PREC=prec, num_warps=4)
+    return o, ht, tinv, hs
 
 
-def _chunk_backward(q, k, v, g, beta, saved, do, dht, scale, l2norm, layout, want_dh0):
-    """Kernels 3 and 4. Returns (dq, dk fp32 per key head, dv, dg fp32, dbeta fp32, dh0 or None)."""
-    tinv, w, pmat, fqk, hs = saved
+def _chunk_backward(q, k, v, g, beta, tinv, hs, do, dht, scale, l2norm, layout, want_dh0):
+    """Kernels 3 and 4. Returns (dq, dk in fp32 per key head, dv, dg fp32, dbeta fp32, dh0 or None)."""
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
     BK = max(16, triton.next_power_of_2(DK))
@@ -592,8 +565,8 @@ def _chunk_backward(q, k, v, g, beta, saved, do, dht, scale, l2norm, layout, wan
     dh0 = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if want_dh0 else None
     BV = _block_v(layout.N * HV, DV, q.device)
     _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
-        q, k, w, g, pmat, fqk, do, dht if dht is not None else do, dh0 if dh0 is not None else do, dhs,
-        layout.cu, layout.chunk_off, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV,
+        q, k, g, beta, tinv, do, dht if dht is not None else do, dh0 if dh0 is not None else do, dhs,
+        layout.cu, layout.chunk_off, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
         HAS_DHT=dht is not None, STORE_DH0=want_dh0, PREC=prec, num_warps=4)
     dq = torch.empty(n_tok, HV, DK, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(dq)
@@ -602,9 +575,9 @@ def _chunk_backward(q, k, v, g, beta, saved, do, dht, scale, l2norm, layout, wan
     dbeta = torch.empty_like(dg)
     if layout.NC:
         _chunk_bwd_kernel[(layout.NC, HV)](
-            q, k, v, g, beta, tinv, pmat, fqk, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.chunk_seq,
+            q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.chunk_seq,
             layout.chunk_pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=min(64, triton.next_power_of_2(DV)),
-            PREC=prec, num_warps=8)
+            L2NORM=l2norm, PREC=prec, num_warps=8)
     r = HV // HK
     if r > 1:  # value heads of a group share their key head
         dq, dk = dq.view(n_tok, HK, r, DK).sum(2), dk.view(n_tok, HK, r, DK).sum(2)
@@ -626,10 +599,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         bp = beta.float().contiguous().view(B * T, HV)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         training = any(ctx.needs_input_grad)
-        o, ht, saved = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
-                                      save_states=training)
+        o, ht, tinv, hs = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
+                                         save_states=training)
         if training:
-            ctx.save_for_backward(qp, kp, vp, gp, bp, *saved)
+            ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, hs)
             ctx.layout, ctx.scale, ctx.l2norm = layout, scale, l2norm
             ctx.shapes = (q.shape, v.shape, g.dtype, beta.dtype,
                           initial_state.dtype if initial_state is not None else None)
@@ -637,11 +610,11 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qp, kp, vp, gp, bp, *saved = ctx.saved_tensors
+        qp, kp, vp, gp, bp, tinv, hs = ctx.saved_tensors
         q_shape, v_shape, g_dtype, beta_dtype, h0_dtype = ctx.shapes
         dop = do.contiguous().view(vp.shape)
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(
-            qp, kp, vp, gp, bp, saved, dop, dht.float().contiguous() if dht is not None else None,
+            qp, kp, vp, gp, bp, tinv, hs, dop, dht.float().contiguous() if dht is not None else None,
             ctx.scale, ctx.l2norm, ctx.layout, want_dh0=h0_dtype is not None)
         return (dq.to(qp.dtype).view(q_shape), dk.to(kp.dtype).view(q_shape), dv.view(v_shape),
                 dg.to(g_dtype).view(v_shape[:3]), dbeta.to(beta_dtype).view(v_shape[:3]),
@@ -666,7 +639,7 @@ def _recurrent(q, k, v, g, beta, scale, s_in, s_out, idx, cu, l2norm, N):
     B, T, HK, DK = q.shape
     HV, DV = v.shape[2:]
     BK = max(16, triton.next_power_of_2(DK))
-    BV = _block_v(N * HV, DV, q.device, choices=(64, 32, 16, 8))
+    BV = _block_v(N * HV, DV, q.device, choices=(64, 32, 16, 8), waves=1.0)
     o = torch.empty_like(v)
     _recurrent_kernel[(triton.cdiv(DV, BV), HV, N)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
