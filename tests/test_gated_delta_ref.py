@@ -112,6 +112,14 @@ def test_conv_state_continues_the_sequence(seeded):
     assert rel_err(y3, manual) < 1e-6
 
 
+def test_conv_varlen_with_an_empty_sequence(seeded):
+    x, w, h0 = torch.randn(1, 7, 6), torch.randn(6, 4), torch.randn(3, 6, 3)
+    y, state = ops.causal_conv1d_ref(x, w, initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor([0, 3, 3, 7]))
+    assert torch.equal(state[1], h0[1])
+    y2, _ = ops.causal_conv1d_ref(x[:, 3:], w, initial_state=h0[2:], output_final_state=True)
+    assert rel_err(y[:, 3:], y2) < 1e-6
+
+
 def test_norms_follow_their_formulas(seeded):
     x, z, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
     rms = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()

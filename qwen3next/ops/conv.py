@@ -39,6 +39,8 @@ def causal_conv1d_ref(
     if initial_state is None:
         initial_state = x.new_zeros(B, C, K - 1)
     xt = torch.cat([initial_state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+    if T == 0:  # an empty sequence (possible in a varlen pack): no output, the state passes through
+        return x.new_zeros(B, 0, C), (xt if output_final_state else None)
     y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), groups=C)  # [B, C, T]
     if activation == "silu":
         y = F.silu(y)
