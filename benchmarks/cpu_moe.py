@@ -1,6 +1,6 @@
 """Routed experts on the CPU: ours (`ops.moe_experts`, torch backend) against transformers' experts module.
 
-Same weights, same routing, forward and forward+backward, median wall time over several repeats.
+Same weights, same routing, forward and forward+backward, median wall time over several interleaved repeats.
 transformers' experts implementations: `grouped_mm` (its default for a loaded model) and `eager`
 (its Python loop over experts). Prints a markdown table.
 
@@ -19,14 +19,17 @@ import torch
 from qwen3next import ops
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns, repeats: int) -> list[float]:
+    """Median wall ms of each fn, the fns taking turns in every round (so background load hits all alike)."""
+    for fn in fns:
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 def main() -> None:
@@ -76,18 +79,20 @@ def main() -> None:
         impls = [ours, transformers_impl("grouped_mm"), transformers_impl("eager")]
         diff = max((ours() - impl()).abs().max().item() for impl in impls[1:]) / ours().abs().max().item()
         for label, backward in (("fwd", False), ("fwd+bwd", True)):
-            cells = []
-            for impl in impls:
+            steps = []
+            for impl in impls[: 2 if backward else 3]:  # eager's backward takes minutes here: left out
                 if backward:
                     def step(impl=impl):
                         torch.autograd.backward(impl(), grad)
                         for p in (x, weights, gate_up, down):
                             p.grad = None
-                    cells.append(_median_ms(step, args.repeats))
                 else:
-                    with torch.no_grad():
-                        cells.append(_median_ms(impl, args.repeats))
-            print(f"| {n} | {label} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.2f} | {diff:.1e} |")
+                    def step(impl=impl):
+                        with torch.no_grad():
+                            impl()
+                steps.append(step)
+            cells = _interleaved_medians(steps, args.repeats) + [float("nan")] * (3 - len(steps))
+            print(f"| {n} | {label} | {cells[0]:.2f} | {cells[1]:.2f} | {cells[2]:.2f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
