@@ -18,7 +18,7 @@ from qwen3next.cli import main
 from qwen3next.config import ConfigError
 from qwen3next.model import Qwen3NextForCausalLM
 from qwen3next.train import ByteTokenizer, Corpus, DataError, PackedCorpus, Position, Trainer, TrainSettings
-from qwen3next.train.data import is_held_out, pack_rows
+from qwen3next.train.data import is_held_out, make_batch
 from qwen3next.train.loop import load_ratio, lr_at, routing_counts
 from qwen3next.train.state import MARKER, verify_checkpoint
 
@@ -95,8 +95,12 @@ def test_packing_keeps_documents_apart_and_resumes_from_any_row(tmp_path):
             row = next(again)
             np.testing.assert_array_equal(row.ids, rows[j].ids)
             np.testing.assert_array_equal(row.cu_seqlens, rows[j].cu_seqlens)
-    batch = pack_rows(rows[:3])
-    assert batch.input_ids.shape == (1, 96) and batch.targets == 96 - (len(batch.cu_seqlens) - 1)
+    batch = make_batch(rows[:6])
+    whole = [r for r in rows[:6] if len(r.cu_seqlens) == 2]
+    assert 0 < len(whole) < 6 and len(batch.parts) == 2 and batch.tokens == 6 * 32
+    assert torch.equal(batch.parts[0].input_ids, torch.from_numpy(np.stack([r.ids for r in whole])))
+    assert batch.parts[0].cu_seqlens is None and batch.parts[1].input_ids.shape == (1, (6 - len(whole)) * 32)
+    assert batch.targets == sum(32 - (len(r.cu_seqlens) - 1) for r in rows[:6])
 
 
 def test_held_out_split_is_disjoint_and_stable(tmp_path):
@@ -117,21 +121,25 @@ def test_held_out_split_is_disjoint_and_stable(tmp_path):
     assert texts("train", 0) == texts("train", 7) == every_doc - chosen
 
 
-def test_packed_row_loss_is_the_token_weighted_loss_of_its_documents(tmp_path):
-    docs = {"a.txt": "first document, fairly short\n", "b.txt": "x" * 3, "c.txt": "the third one " * 6}
+def test_packed_batch_loss_is_the_token_weighted_loss_of_its_documents(tmp_path):
+    docs = {"a.txt": "first document, fairly short\n", "b.txt": "x" * 3, "c.txt": "the third one " * 6,
+            "d.txt": "a long one that fills whole rows by itself. " * 6}
     t = trainer(tmp_path, write_docs(tmp_path / "c", docs), config=tiny_config(router_aux_loss_coef=0.0))
     t.model.eval()
-    batch = next(t.train_data.batches(2))  # 2 rows of 64: the long document is split across them
+    batch = next(t.train_data.batches(6))  # rows of 64: some hold one document's text, some several
+    assert [p.cu_seqlens is None for p in batch.parts] == [True, False]
     with torch.no_grad():
         packed, _, _ = t.batch_loss(batch)
-        ids, cu = batch.input_ids[0], batch.cu_seqlens.tolist()
         total, weight = 0.0, 0
-        for s, e in zip(cu[:-1], cu[1:]):
-            if e - s > 1:
-                segment = ids[s:e][None]
-                total += float(t.model(segment, labels=segment).loss) * (e - s - 1)
-                weight += e - s - 1
-    assert weight == batch.targets and len(cu) > 4
+        for part in batch.parts:
+            for row in part.input_ids:
+                cu = part.cu_seqlens.tolist() if part.cu_seqlens is not None else [0, len(row)]
+                for s, e in zip(cu[:-1], cu[1:]):
+                    if e - s > 1:
+                        segment = row[s:e][None]
+                        total += float(t.model(segment, labels=segment).loss) * (e - s - 1)
+                        weight += e - s - 1
+    assert weight == batch.targets
     assert abs(float(packed) - total / weight) <= 1e-5 * total / weight
 
 
@@ -214,13 +222,14 @@ def test_mid_run_checkpoint_loads_in_transformers(tmp_path):
 
 
 def test_aux_loss_pulls_routing_towards_balance(tmp_path):
-    probe = pack_rows([r for _, r in zip(range(16), PackedCorpus(STDLIB_FILES, ByteTokenizer(), 64, seed=1).rows())])
+    rows = PackedCorpus(STDLIB_FILES, ByteTokenizer(), 64, seed=1).rows()
+    probe = torch.from_numpy(np.stack([next(rows).ids for _ in range(16)]))
     ratios = {}
     for coef in (0.0, 5.0):
         t = trainer(tmp_path, name=f"coef{coef}", steps=20, config=tiny_config(router_aux_loss_coef=coef))
         t.fit(progress=False)
         with torch.no_grad():
-            out = t.model.eval()(probe.input_ids, cu_seqlens=probe.cu_seqlens)
+            out = t.model.eval()(probe)
         ratios[coef] = load_ratio(routing_counts(out.router_logits, t.model.config.num_experts_per_tok))
     assert ratios[5.0] < 0.85 * ratios[0.0], ratios
 

@@ -14,8 +14,8 @@ Packing: documents are laid end to end in rows of exactly `seq_len` tokens; a do
 fit the rest of a row continues at the start of the next one. Each row carries `cu_seqlens`, the
 offsets of its segments (a new segment at every document start and at the row start), so the model
 lets no token attend to or carry state from another document, and no token learns to predict the
-next document's first token. A batch of B rows is one row of B * seq_len tokens whose segments are
-those of its rows (the model packs with batch size 1).
+next document's first token. A batch of B rows goes to the model as at most two forward passes:
+the rows that hold a single segment as a plain [n, seq_len] batch, the others packed into one row.
 
 Position: where the next row starts, (epoch, file, piece, token). The training stream shuffles the
 file order every epoch (seeded); restarting from a saved position reads, and skips, only the pieces
@@ -261,14 +261,30 @@ class Row:
 
 
 @dataclass
-class Batch:
-    """B rows as one packed row: input_ids [1, B * seq_len], cu_seqlens [segments + 1] (int64);
-    `targets` = the number of predicted tokens (tokens minus segments); `next`: where the next batch starts."""
+class Part:
+    """One forward pass of a batch: input_ids [n, seq_len] with cu_seqlens None (rows that each hold a
+    single segment: nothing to keep apart), or [1, m * seq_len] with the cu_seqlens of the m rows'
+    segments; `targets` = the predicted tokens (tokens minus segments)."""
 
     input_ids: torch.Tensor
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor | None
     targets: int
+
+
+@dataclass
+class Batch:
+    """B rows as at most two forward passes (see `make_batch`); `next`: where the next batch starts."""
+
+    parts: list[Part]
     next: Position
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.input_ids.numel() for p in self.parts)
+
+    @property
+    def targets(self) -> int:
+        return sum(p.targets for p in self.parts)
 
 
 class PackedCorpus:
@@ -346,18 +362,28 @@ class PackedCorpus:
                     filled, cu = 0, [0]
 
     def batches(self, batch_size: int, start: Position = Position()) -> Iterator[Batch]:
-        """Groups of `batch_size` rows from `start` on, each as one packed row."""
+        """Groups of `batch_size` rows from `start` on, laid out by `make_batch`."""
         rows = self.rows(start)
         while True:
             group = [row for _, row in zip(range(batch_size), rows)]
             if len(group) < batch_size:
                 return
-            yield pack_rows(group)
+            yield make_batch(group)
 
 
-def pack_rows(rows: Sequence[Row]) -> Batch:
-    """Concatenate rows into one packed row whose segments are the rows' segments."""
+def make_batch(rows: Sequence[Row]) -> Batch:
+    """Lay rows out for the model: the rows that hold one segment (a stretch of a single document) as a
+    plain batch, the rest packed into one row whose segments are theirs (the model packs with batch
+    size 1, and a packed row's attention is quadratic in its whole length, so only rows that need
+    boundaries go there)."""
     S = len(rows[0].ids)
-    ids = np.concatenate([r.ids for r in rows])
-    cu = np.concatenate([[0]] + [r.cu_seqlens[1:] + i * S for i, r in enumerate(rows)])
-    return Batch(torch.from_numpy(ids)[None], torch.from_numpy(cu), len(ids) - (len(cu) - 1), rows[-1].next)
+    whole = [r for r in rows if len(r.cu_seqlens) == 2]
+    mixed = [r for r in rows if len(r.cu_seqlens) > 2]
+    parts = []
+    if whole:
+        parts.append(Part(torch.from_numpy(np.stack([r.ids for r in whole])), None, len(whole) * (S - 1)))
+    if mixed:
+        ids = np.concatenate([r.ids for r in mixed])
+        cu = np.concatenate([[0]] + [r.cu_seqlens[1:] + i * S for i, r in enumerate(mixed)])
+        parts.append(Part(torch.from_numpy(ids)[None], torch.from_numpy(cu), len(ids) - (len(cu) - 1)))
+    return Batch(parts, rows[-1].next)

@@ -34,7 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError
 from ..model import causal_lm_loss
-from .data import Batch, DataError, PackedCorpus, Position, TextTokenizer, list_files, tokenizer_vocab_size
+from .data import (
+    Batch, DataError, PackedCorpus, Position, TextTokenizer, list_files, make_batch, tokenizer_vocab_size,
+)
 from .state import load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng, save_checkpoint
 
 
@@ -237,13 +239,25 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- steps
     def batch_loss(self, batch: Batch):
-        """(mean cross-entropy, aux loss or None, router logits) of one packed batch."""
-        ids = batch.input_ids.to(self.device)
-        cu = batch.cu_seqlens.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            out = self.model(ids, cu_seqlens=cu)
-        return causal_lm_loss(out.logits, ids, cu), out.aux_loss, out.router_logits
+        """(mean cross-entropy over the batch's predicted tokens, load-balancing loss or None, routing
+        counts [MoE layers, E] or None). With two forward passes (see `make_batch`), the aux loss is
+        their token-weighted mean."""
+        config = self.model.config
+        ce = aux = counts = None
+        for part in batch.parts:
+            ids = part.input_ids.to(self.device)
+            cu = part.cu_seqlens.to(self.device) if part.cu_seqlens is not None else None
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                out = self.model(ids, cu_seqlens=cu)
+            term = causal_lm_loss(out.logits, ids, cu) * (part.targets / batch.targets)
+            ce = term if ce is None else ce + term
+            if out.aux_loss is not None:
+                term = out.aux_loss * (ids.numel() / batch.tokens)
+                aux = term if aux is None else aux + term
+                c = routing_counts(out.router_logits, config.num_experts_per_tok)
+                counts = c if counts is None else counts + c
+        return ce, aux, counts
 
     def train_step(self, batches: list[Batch]) -> dict:
         """One optimizer step over `batches` (gradient accumulation); returns the step's metrics."""
@@ -256,12 +270,11 @@ class Trainer:
         aux_sum = torch.zeros((), device=self.device)
         counts = None
         for batch in batches:
-            ce, aux, router_logits = self.batch_loss(batch)
+            ce, aux, c = self.batch_loss(batch)
             objective = ce * (batch.targets / total_targets)
             if aux is not None:
                 objective = objective + config.router_aux_loss_coef * aux / len(batches)
                 aux_sum += aux.detach() / len(batches)
-                c = routing_counts(router_logits, config.num_experts_per_tok)
                 counts = c if counts is None else counts + c
             objective.backward()
             loss_sum += ce.detach() * (batch.targets / total_targets)
@@ -272,7 +285,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += sum(b.input_ids.numel() for b in batches)
+        self.tokens += sum(b.tokens for b in batches)
         self.position = batches[-1].next
         return {"loss": loss, "aux_loss": float(aux_sum) if counts is not None else None, "lr": lr,
                 "grad_norm": float(grad_norm), "routing": counts}
@@ -286,10 +299,8 @@ class Trainer:
             if not taken:
                 raise DataError(f"the held-out split has no complete row of {self.settings.seq_len} tokens: "
                                 "raise eval_fraction, lower seq_len, or turn evaluation off (eval_every 0)")
-            from .data import pack_rows
-
             B = self.settings.batch_size
-            self._eval_batches = [pack_rows(taken[i:i + B]) for i in range(0, len(taken), B)]
+            self._eval_batches = [make_batch(taken[i:i + B]) for i in range(0, len(taken), B)]
         self.model.eval()
         total, count = 0.0, 0
         for batch in self._eval_batches:
