@@ -167,6 +167,7 @@ def _job_2(results, workdir):
     dims = ParallelDims(tp=2)
     model = parallelize(_model(config, seed=3), dims, param_dtype=None, reduce_dtype=None)
     checkpoint.export_hf(model, os.path.join(workdir, "hf_tp2"), max_shard_size="200KB")
+    results["generate/tp"] = _generate_check(config, model)
 
     # clear errors, raised on every rank before any work
     bad_heads = _config(linear_num_key_heads=3, linear_num_value_heads=3)
@@ -187,6 +188,19 @@ def _job_2(results, workdir):
     results["error/ckpt_config"] = _expect_error(
         lambda: checkpoint.load(os.path.join(workdir, "dcp_tp2_dp2"), other_model), "different model config", "hidden_size")
     results["error/class"] = isinstance(ParallelConfigError("x"), ValueError)
+
+
+def _generate_check(config, model):
+    """Greedy generation under tp=2 (sequence-parallel prefill of a left-padded batch, then one-token
+    steps without SP) against one process: the same tokens."""
+    from qwen3next.generate import generate
+
+    ids = torch.randint(1, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = generate(_model(config, seed=3).eval(), ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    got = generate(model.eval(), ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    return {"equal": torch.equal(got, want), "new_tokens": got.shape[1] - ids.shape[1]}
 
 
 def _cp_rule_check(dims):
@@ -349,6 +363,11 @@ def test_hf_export_loads_in_transformers(two, workdir):
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         assert _rel(hf(ids).logits, want) <= TOL
         assert _rel(load_model(path)(ids).logits, want) <= 1e-6
+
+
+def test_greedy_generate_under_tp_matches_one_process(two):
+    for r in two:
+        assert r["generate/tp"] == {"equal": True, "new_tokens": 8}
 
 
 def test_bad_inputs_get_clear_errors(two):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from . import comm
-from .tensor_parallel import TPRuntime, local, swapped_parameters
+from .tensor_parallel import TPRuntime, local
 
 
 class EPRuntime:
@@ -31,6 +31,12 @@ class EPRuntime:
         self.group = None if mesh is None else mesh.get_group()
         self.size = comm.group_size(self.group)
         self.rank = comm.group_rank(self.group)
+
+
+def expert_rules(tp: TPRuntime) -> dict:
+    """Local views of the ep-sharded experts; they are replicated over tp, where (under SP) each rank
+    routes its own tokens, so there their gradients also sum over tp."""
+    return {name: (lambda w: tp.data_sum(local(w))) for name in ("experts.gate_up_proj", "experts.down_proj")}
 
 
 def check_ep(config, ep: int) -> list[str]:
@@ -59,26 +65,23 @@ def dispatch_to_experts(x, weights, ids, gate_up, down, group) -> torch.Tensor:
     return torch.zeros_like(x).index_add(0, token, y)
 
 
-def moe_forward(module, inner, tp: TPRuntime, ep: EPRuntime, shared_rules: dict, x: torch.Tensor):
+def moe_forward(module, inner, tp: TPRuntime, ep: EPRuntime, x: torch.Tensor):
     """SparseMoE.forward's contract (replacing `inner`): x [B, T, D], this rank's residual-stream
-    tokens -> (y like x, router logits [B*T, E] of these tokens)."""
+    tokens -> (y like x, router logits [B*T, E] of these tokens). The module's parameters are the
+    local views its decoder layer put in place."""
     flat = x.reshape(-1, x.shape[-1])
-    router_logits = F.linear(flat, tp.data_sum(local(module.gate.weight)))
+    router_logits = F.linear(flat, module.gate.weight)
     weights, ids = ops.route(router_logits, module.top_k, module.norm_topk_prob)
-    gate_up, down = local(module.experts.gate_up_proj), local(module.experts.down_proj)
+    gate_up, down = module.experts.gate_up_proj, module.experts.down_proj
 
     x_all = tp.enter(flat)  # all tokens when the residual stream is sequence-parallel
-    shared = module.shared_expert.get_parameter
-    with swapped_parameters(module.shared_expert, {n: rule(shared(n)) for n, rule in shared_rules.items()}):
-        partial = module.shared_expert(x_all)
-    partial = partial * torch.sigmoid(F.linear(x_all, tp.heads_sum(local(module.shared_expert_gate.weight))))
+    partial = module.shared_expert(x_all) * torch.sigmoid(module.shared_expert_gate(x_all))
     if ep.size > 1:
-        # experts are whole on their rank and replicated over tp: their gradients sum over tp under SP
         sizes = comm.split_sizes(flat.shape[0], ep.size)
         start = sum(sizes[: ep.rank])
         mine = dispatch_to_experts(
             comm.split(flat, 0, sizes, ep.group), comm.split(weights, 0, sizes, ep.group),
-            ids[start : start + sizes[ep.rank]], tp.data_sum(gate_up), tp.data_sum(down), ep.group,
+            ids[start : start + sizes[ep.rank]], gate_up, down, ep.group,
         )
         routed = comm.gather(mine, 0, sizes, ep.group)
         return (tp.exit(partial) + routed).view_as(x), router_logits

@@ -19,12 +19,12 @@ from ..config import LINEAR
 from . import comm
 from .context_parallel import CPRuntime, cp_attention_forward, cp_gated_deltanet_forward
 from .dims import ParallelConfigError, ParallelDims
-from .expert_parallel import EPRuntime, check_ep, moe_forward
+from .expert_parallel import EPRuntime, check_ep, expert_rules, moe_forward
 from .loss import global_mean, load_balancing_loss, vocab_parallel_cross_entropy
 from .tensor_parallel import (
-    TPRuntime, check_tp, distribute_parameter, install_forward, local, parallelize_embedding,
-    parallelize_gated_attention, parallelize_gated_deltanet, parallelize_mlp, parallelize_moe_params,
-    parallelize_norm, shard_offset,
+    TPRuntime, check_tp, distribute_parameter, install_forward, local, local_views_forward, parallelize_embedding,
+    parallelize_final_norm, parallelize_gated_attention, parallelize_gated_deltanet, parallelize_lm_head,
+    parallelize_mlp, parallelize_moe_params, parallelize_norm, shard_offset,
 )
 from ..model import CausalLMOutput
 
@@ -66,34 +66,43 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
                  dims.group("dp_shard_cp"))
     tp, ep, cp = rt.tp, rt.ep, rt.cp
     for layer in model.model.layers:
-        mixer = layer.linear_attn if layer.layer_type == LINEAR else layer.self_attn
+        mixer, prefix = (layer.linear_attn, "linear_attn.") if layer.layer_type == LINEAR else (layer.self_attn, "self_attn.")
         if cp.size > 1:  # innermost: tensor parallelism wraps it
             install_forward(mixer, cp_gated_deltanet_forward if layer.layer_type == LINEAR else cp_attention_forward, cp)
+        rules = {}  # the layer's DTensor parameters -> their local views, put in place for its forward
         if tp.size > 1:
-            parallelize_norm(layer.input_layernorm, tp)
-            parallelize_norm(layer.post_attention_layernorm, tp)
-            (parallelize_gated_deltanet if layer.layer_type == LINEAR else parallelize_gated_attention)(mixer, tp)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                rules.update(_prefixed(f"{norm}.", parallelize_norm(getattr(layer, norm), tp)))
+            parallelize_mixer = parallelize_gated_deltanet if layer.layer_type == LINEAR else parallelize_gated_attention
+            rules.update(_prefixed(prefix, parallelize_mixer(mixer, tp)))
             if not layer.is_moe:
-                parallelize_mlp(layer.mlp, tp)
+                rules.update(_prefixed("mlp.", parallelize_mlp(layer.mlp, tp)))
         if layer.is_moe and (tp.size > 1 or ep.size > 1):
-            shared_rules = parallelize_moe_params(layer.mlp, tp, expert_tp=ep.size == 1) if tp.size > 1 else {}
+            if tp.size > 1:
+                rules.update(_prefixed("mlp.", parallelize_moe_params(layer.mlp, tp, expert_tp=ep.size == 1)))
             if ep.size > 1:
                 mesh, placements = (dims.submesh("ep", "tp"), [Shard(0), Replicate()]) if tp.size > 1 else (ep.mesh, [Shard(0)])
                 for name in ("experts.gate_up_proj", "experts.down_proj"):
                     distribute_parameter(layer.mlp, name, mesh, placements)
-            install_forward(layer.mlp, moe_forward, tp, ep, shared_rules)
+                rules.update(_prefixed("mlp.", expert_rules(tp)))
+            install_forward(layer.mlp, moe_forward, tp, ep)
+        if rules:
+            install_forward(layer, local_views_forward, rules)
     if tp.size > 1:
         parallelize_embedding(model.model.embed_tokens, tp)
-        parallelize_norm(model.model.norm, tp)
+        parallelize_final_norm(model.model.norm, tp)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        else:
-            distribute_parameter(model.lm_head, "weight", tp.mesh, [Shard(0)])
+        parallelize_lm_head(model.lm_head, tp, config.tie_word_embeddings)
     install_forward(model, causal_lm_forward, rt)
     if rt.batch_group is not None:
         _fully_shard(model, dims.submesh("dp_shard_cp"), param_dtype, reduce_dtype, reshard_after_forward)
     model.parallel = rt
     return model
+
+
+def _prefixed(prefix: str, rules: dict) -> dict:
+    return {prefix + name: rule for name, rule in rules.items()}
 
 
 def _fully_shard(model, mesh, param_dtype, reduce_dtype, reshard_after_forward) -> None:
@@ -115,8 +124,8 @@ def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None,
                       cache=None, cu_seqlens=None, logits_to_keep: int = 0):
     """`Qwen3NextForCausalLM.forward`'s contract (replacing `inner`) on this rank's part of the batch.
 
-    `logits`: this rank's rows and sequence part, a DTensor sharded on the vocab over tp (`.full_tensor()`
-    gathers it) or a plain tensor when tp = 1. `loss` and `aux_loss`: one process's values on the global
+    `logits`: this rank's rows and sequence part; under tp, with labels (training) a DTensor sharded on
+    the vocab (`.full_tensor()` gathers it), without labels the whole logits. `loss` and `aux_loss`: one process's values on the global
     batch (every rank holds them). Under cp, labels are this rank's slice of the labels (cut like the
     inputs); the next-token target across a slice boundary comes from the next rank.
     """
@@ -143,10 +152,9 @@ def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None,
         raise ValueError(f"labels must match input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
     if labels is not None and logits_to_keep:
         raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
-    tp.sp = tp.size > 1 and T % tp.size == 0
 
+    # all tokens of this rank's rows and sequence part (the final norm gathers the sequence-parallel pieces)
     hidden, router_logits = model.model(input_ids, attention_mask, position_ids, cache, cu_seqlens)
-    hidden = tp.enter(hidden)  # all tokens; each rank computes its vocab slice of the logits
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:]
     head = model.lm_head.weight
@@ -169,10 +177,12 @@ def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None,
         loss = global_mean(per_token, targets != -100, [rt.batch_group])
         if aux_loss is not None:
             loss = loss + config.router_aux_loss_coef * aux_loss
-    if tp.size > 1:
+    if tp.size > 1 and labels is not None:  # training: keep them sharded (a DTensor gathers on demand)
         shape = (*logits.shape[:-1], config.vocab_size)
         logits = DTensor.from_local(logits, tp.mesh, [Shard(logits.dim() - 1)], run_check=False, shape=shape,
                                     stride=torch.empty(shape, device="meta").stride())
+    elif tp.size > 1:
+        logits = comm.gather(logits, logits.dim() - 1, tp.vocab_sizes, tp.group)
     return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=tuple(router_logits))
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,8 @@ class TPRuntime:
         self.group = None if mesh is None else mesh.get_group()
         self.size = comm.group_size(self.group)
         self.rank = comm.group_rank(self.group)
-        self.sp = False
+        self.sp = False  # set by the embedding on each forward: the sequence divides by tp
+        self.vocab_sizes: list[int] = []  # every rank's number of vocab rows of the LM head
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Residual-stream tokens -> all tokens, for a block whose ranks each compute part of it."""
@@ -115,13 +117,54 @@ def install_forward(module: nn.Module, forward, *extra) -> None:
     module.forward = functools.partial(forward, module, module.forward, *extra)
 
 
-def _block_forward(module, inner, tp: TPRuntime, rules, is_block, *args, **kwargs):
-    """The module's own forward on local parameter views; a block also enters/exits the tp region."""
-    x = tp.enter(args[0]) if is_block else args[0]
+def local_views_forward(module, inner, rules: dict, *args, **kwargs):
+    """The module's own forward with its parameters (dotted names) replaced by `rules[name](param)`,
+    their local views. Installed on whole decoder layers, so that code reading a submodule's parameter
+    directly (a fused residual-add + norm, say) sees the local view too."""
     views = {name: rule(module.get_parameter(name)) for name, rule in rules.items()}
     with swapped_parameters(module, views):
-        y = inner(x, *args[1:], **kwargs)
-    return tp.exit(y) if is_block else y
+        return inner(*args, **kwargs)
+
+
+def tp_block_forward(module, inner, tp: TPRuntime, x, *args, **kwargs):
+    """A block computed piecewise by the tp ranks: all tokens in, partial sums out to the residual layout."""
+    return tp.exit(inner(tp.enter(x), *args, **kwargs))
+
+
+def _local_cache_forward(module, inner, view, *args, **kwargs):
+    """Run a mixer whose cache argument holds all heads with the cache showing only this rank's part
+    (`view(cache)`, a context manager); what the layer writes lands in the whole cache."""
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    cache = bound.arguments.get("cache")
+    if cache is None:
+        return inner(*args, **kwargs)
+    with view(cache):
+        return inner(*args, **kwargs)
+
+
+def _attention_cache_view(heads: slice):
+    @contextlib.contextmanager
+    def view(cache):
+        key, value = cache.key, cache.value
+        cache.key, cache.value = key[:, heads], value[:, heads]
+        try:
+            yield
+        finally:
+            cache.key, cache.value = key, value
+    return view
+
+
+def _linear_cache_view(channels: torch.Tensor, heads: slice):
+    @contextlib.contextmanager
+    def view(cache):
+        conv, state = cache.conv_state, cache.recurrent_state
+        cache.conv_state, cache.recurrent_state = conv.index_select(1, channels), state[:, heads]
+        try:
+            yield
+        finally:
+            conv.index_copy_(1, channels, cache.conv_state)
+            cache.conv_state, cache.recurrent_state = conv, state
+    return view
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -160,7 +203,8 @@ def _mlp_rules(module, mesh, prefix=""):
     return {f"{prefix}{n}.weight": local for n in ("gate_proj", "up_proj", "down_proj")}
 
 
-def parallelize_gated_deltanet(module, tp: TPRuntime) -> None:
+def parallelize_gated_deltanet(module, tp: TPRuntime) -> dict:
+    """Shard a Gated DeltaNet over tp; returns its parameters' local-view rules."""
     n, r = tp.size, tp.rank
     for name in ("in_proj_qkvz.weight", "in_proj_ba.weight", "A_log", "dt_bias"):
         distribute_parameter(module, name, tp.mesh, [Shard(0)])
@@ -177,10 +221,14 @@ def parallelize_gated_deltanet(module, tp: TPRuntime) -> None:
     rules = {name: local for name in ("in_proj_qkvz.weight", "in_proj_ba.weight", "A_log", "dt_bias", "out_proj.weight")}
     rules["conv1d.weight"] = lambda w: tp.heads_sum(local(w)).index_select(0, channels)
     rules["norm.weight"] = lambda w: tp.heads_sum(local(w))
-    install_forward(module, _block_forward, tp, rules, True)
+    install_forward(module, _local_cache_forward, _linear_cache_view(channels, slice(r * module.num_v_heads,
+                                                                                   (r + 1) * module.num_v_heads)))
+    install_forward(module, tp_block_forward, tp)
+    return rules
 
 
-def parallelize_gated_attention(module, tp: TPRuntime) -> None:
+def parallelize_gated_attention(module, tp: TPRuntime) -> dict:
+    """Shard a gated attention layer over tp; returns its parameters' local-view rules."""
     n, r = tp.size, tp.rank
     hd, kv = module.head_dim, module.num_kv_heads
     distribute_parameter(module, "q_proj.weight", tp.mesh, [Shard(0)])
@@ -191,37 +239,56 @@ def parallelize_gated_attention(module, tp: TPRuntime) -> None:
             distribute_parameter(module, name, tp.mesh, [Shard(0)])
             rules[name] = local
         module.num_kv_heads = kv // n
+        kv_heads = slice(r * kv // n, (r + 1) * kv // n)
     else:  # fewer KV heads than ranks: every rank keeps them all and uses the one its query heads read
         head = r // (n // kv)
         for name in ("k_proj.weight", "v_proj.weight"):
             distribute_parameter(module, name, tp.mesh, [Replicate()])
             rules[name] = lambda w: tp.heads_sum(local(w))[head * hd : (head + 1) * hd]
         module.num_kv_heads = 1
+        kv_heads = slice(head, head + 1)
     for name in ("q_norm.weight", "k_norm.weight"):
         distribute_parameter(module, name, tp.mesh, [Replicate()])
         rules[name] = lambda w: tp.heads_sum(local(w))
     module.num_heads //= n
-    install_forward(module, _block_forward, tp, rules, True)
+    install_forward(module, _local_cache_forward, _attention_cache_view(kv_heads))
+    install_forward(module, tp_block_forward, tp)
+    return rules
 
 
-def parallelize_mlp(module, tp: TPRuntime) -> None:
-    install_forward(module, _block_forward, tp, _mlp_rules(module, tp.mesh), True)
+def parallelize_mlp(module, tp: TPRuntime) -> dict:
+    rules = _mlp_rules(module, tp.mesh)
+    install_forward(module, tp_block_forward, tp)
+    return rules
 
 
-def parallelize_norm(module, tp: TPRuntime) -> None:
+def parallelize_norm(module, tp: TPRuntime) -> dict:
+    """A residual-stream norm (its weight meets this rank's tokens under SP)."""
     distribute_parameter(module, "weight", tp.mesh, [Replicate()])
-    install_forward(module, _block_forward, tp, {"weight": lambda w: tp.data_sum(local(w))}, False)
+    return {"weight": lambda w: tp.data_sum(local(w))}
+
+
+def parallelize_final_norm(module, tp: TPRuntime) -> None:
+    """The last norm: local weight view, then the sequence gathered back (the LM head's input)."""
+    rules = parallelize_norm(module, tp)
+    install_forward(module, local_views_forward, rules)
+    install_forward(module, lambda m, inner, x: tp.enter(inner(x)))
 
 
 def parallelize_moe_params(module, tp: TPRuntime, expert_tp: bool) -> dict:
-    """Distribute a SparseMoE's parameters over tp; returns the shared expert's local-view rules.
-    Routed experts are split over tp (expert tensor parallelism) only when `expert_tp`."""
+    """Distribute a SparseMoE's parameters over tp; returns their local-view rules (the routed
+    experts' only when `expert_tp`: split over tp by their intermediate dim)."""
     distribute_parameter(module, "gate.weight", tp.mesh, [Replicate()])
     distribute_parameter(module, "shared_expert_gate.weight", tp.mesh, [Replicate()])
+    rules = {"gate.weight": lambda w: tp.data_sum(local(w)),  # the router meets this rank's tokens
+             # the gate scales the shared expert's partial sums: its gradient is partial over tp too
+             "shared_expert_gate.weight": lambda w: tp.heads_sum(local(w)),
+             **_mlp_rules(module, tp.mesh, "shared_expert.")}
     if expert_tp:
         distribute_parameter(module, "experts.gate_up_proj", tp.mesh, [_StridedShard(1, split_factor=2)])
         distribute_parameter(module, "experts.down_proj", tp.mesh, [Shard(2)])
-    return _mlp_rules(module.shared_expert, tp.mesh)
+        rules.update({"experts.gate_up_proj": local, "experts.down_proj": local})
+    return rules
 
 
 def vocab_parallel_embedding(module, inner, tp: TPRuntime, ids):
@@ -234,10 +301,24 @@ def vocab_parallel_embedding(module, inner, tp: TPRuntime, ids):
     pad = module.padding_idx
     pad = pad - start if pad is not None and 0 <= pad - start < w.shape[0] else None
     out = F.embedding(shifted.clamp(0, w.shape[0] - 1), w, padding_idx=pad) * inside[..., None].to(w.dtype)
+    tp.sp = ids.shape[-1] % tp.size == 0  # the residual stream starts here: sequence parallel if it divides
     return tp.exit(out)
 
 
 def parallelize_embedding(module, tp: TPRuntime) -> None:
     distribute_parameter(module, "weight", tp.mesh, [Shard(0)])
     install_forward(module, vocab_parallel_embedding, tp)
+
+
+def vocab_parallel_head(module, inner, tp: TPRuntime, x):
+    """`lm_head(x)` called directly (e.g. by generation): this rank's vocab slice, all-gathered into the
+    whole logits. (The training forward uses the local slice itself: its loss never gathers.)"""
+    return comm.gather(F.linear(x, local(module.weight)), x.dim() - 1, tp.vocab_sizes, tp.group)
+
+
+def parallelize_lm_head(module, tp: TPRuntime, tied: bool) -> None:
+    if not tied:
+        distribute_parameter(module, "weight", tp.mesh, [Shard(0)])
+    tp.vocab_sizes = comm.gather_sizes(local(module.weight).shape[0], tp.group)
+    install_forward(module, vocab_parallel_head, tp)
 
