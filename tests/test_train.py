@@ -18,7 +18,7 @@ from qwen3next.cli import main
 from qwen3next.config import ConfigError
 from qwen3next.model import Qwen3NextForCausalLM
 from qwen3next.train import ByteTokenizer, Corpus, DataError, PackedCorpus, Position, Trainer, TrainSettings
-from qwen3next.train.data import is_held_out, make_batch
+from qwen3next.train.data import ShuffledRows, is_held_out, make_batch
 from qwen3next.train.loop import load_ratio, lr_at, routing_counts
 from qwen3next.train.state import MARKER, verify_checkpoint
 
@@ -71,7 +71,7 @@ def test_byte_tokenizer_round_trip_and_its_tokenizer_json(tmp_path):
     assert hf.decode([*ids, 256], skip_special_tokens=False) == text + "<|endoftext|>"
 
 
-def test_packing_keeps_documents_apart_and_resumes_from_any_row(tmp_path):
+def test_packing_keeps_documents_apart_and_shuffling_resumes_exactly(tmp_path):
     rng = np.random.default_rng(0)
     docs = {f"d{i}.txt": "".join(chr(c) for c in rng.integers(97, 123, int(n))) for i, n in
             enumerate(rng.integers(1, 150, 12))}
@@ -95,6 +95,17 @@ def test_packing_keeps_documents_apart_and_resumes_from_any_row(tmp_path):
             row = next(again)
             np.testing.assert_array_equal(row.ids, rows[j].ids)
             np.testing.assert_array_equal(row.cu_seqlens, rows[j].cu_seqlens)
+    shuffled = ShuffledRows(data, 8, seed=0)
+    drawn = [shuffled.next_row() for _ in range(20)]
+    assert sorted(r.ids.tobytes() for r in drawn + shuffled.buffer) == sorted(r.ids.tobytes() for r in rows[:27])
+    assert [r.ids.tobytes() for r in drawn] != [r.ids.tobytes() for r in rows[:20]]
+    saved = shuffled.state()
+    later = [shuffled.next_row() for _ in range(30)]
+    again = ShuffledRows(data, 8, seed=0)
+    again.restore(*saved)
+    for a, b in zip(later, [again.next_row() for _ in range(30)]):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.cu_seqlens, b.cu_seqlens)
     batch = make_batch(rows[:6])
     whole = [r for r in rows[:6] if len(r.cu_seqlens) == 2]
     assert 0 < len(whole) < 6 and len(batch.parts) == 2 and batch.tokens == 6 * 32
@@ -126,7 +137,7 @@ def test_packed_batch_loss_is_the_token_weighted_loss_of_its_documents(tmp_path)
             "d.txt": "a long one that fills whole rows by itself. " * 6}
     t = trainer(tmp_path, write_docs(tmp_path / "c", docs), config=tiny_config(router_aux_loss_coef=0.0))
     t.model.eval()
-    batch = next(t.train_data.batches(6))  # rows of 64: some hold one document's text, some several
+    batch = make_batch([row for _, row in zip(range(6), t.train_data.rows())])  # rows of 64: one document or several
     assert [p.cu_seqlens is None for p in batch.parts] == [True, False]
     with torch.no_grad():
         packed, _, _ = t.batch_loss(batch)
@@ -193,7 +204,7 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     assert result["status"] == "interrupted" and result["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     resumed = Trainer.resume(str(tmp_path / "cut"))
-    assert resumed.step == 4 and resumed.position == first.position
+    assert resumed.step == 4 and resumed.stream.state()[0] == first.stream.state()[0]
     resumed.fit(progress=False)
     keys = ("loss", "aux_loss", "grad_norm", "eval_loss")
     a = [[r[k] for k in keys] for r in full.history]

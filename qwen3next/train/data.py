@@ -17,9 +17,10 @@ lets no token attend to or carry state from another document, and no token learn
 next document's first token. A batch of B rows goes to the model as at most two forward passes:
 the rows that hold a single segment as a plain [n, seq_len] batch, the others packed into one row.
 
-Position: where the next row starts, (epoch, file, piece, token). The training stream shuffles the
-file order every epoch (seeded); restarting from a saved position reads, and skips, only the pieces
-of one file, so resuming is exact and costs no re-tokenisation of what came before.
+Order: the training split shuffles its file order every epoch (seeded), and its rows pass through a
+shuffle buffer (`ShuffledRows`). Position: where the next row starts, (epoch, file, piece, token);
+restarting from a saved position reads, and skips, only the pieces of one file, so resuming is exact
+and costs no re-tokenisation of what came before.
 """
 
 from __future__ import annotations
@@ -273,10 +274,9 @@ class Part:
 
 @dataclass
 class Batch:
-    """B rows as at most two forward passes (see `make_batch`); `next`: where the next batch starts."""
+    """B rows as at most two forward passes (see `make_batch`)."""
 
     parts: list[Part]
-    next: Position
 
     @property
     def tokens(self) -> int:
@@ -307,7 +307,7 @@ class PackedCorpus:
     def file_order(self, epoch: int) -> list[str]:
         if self.split == "eval":
             return self.files
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.files))
         return [self.files[i] for i in order]
 
     def _wanted(self, path: str, doc: int) -> bool:
@@ -361,15 +361,6 @@ class PackedCorpus:
                     yield Row(buf.copy(), np.array(cu, dtype=np.int64), nxt)
                     filled, cu = 0, [0]
 
-    def batches(self, batch_size: int, start: Position = Position()) -> Iterator[Batch]:
-        """Groups of `batch_size` rows from `start` on, laid out by `make_batch`."""
-        rows = self.rows(start)
-        while True:
-            group = [row for _, row in zip(range(batch_size), rows)]
-            if len(group) < batch_size:
-                return
-            yield make_batch(group)
-
 
 def make_batch(rows: Sequence[Row]) -> Batch:
     """Lay rows out for the model: the rows that hold one segment (a stretch of a single document) as a
@@ -386,4 +377,54 @@ def make_batch(rows: Sequence[Row]) -> Batch:
         ids = np.concatenate([r.ids for r in mixed])
         cu = np.concatenate([[0]] + [r.cu_seqlens[1:] + i * S for i, r in enumerate(mixed)])
         parts.append(Part(torch.from_numpy(ids)[None], torch.from_numpy(cu), len(ids) - (len(cu) - 1)))
-    return Batch(parts, rows[-1].next)
+    return Batch(parts)
+
+
+class ShuffledRows:
+    """The training order: the packed rows of the train split pass through a buffer of `size` rows and
+    each next row is drawn from it at random (seeded), so that a batch mixes many documents and
+    consecutive steps do not march through one long file. size 1: rows in reading order.
+
+    `state()` / `restore()` give and take everything needed to continue exactly: the reader's position,
+    the buffered rows and the generator's state."""
+
+    def __init__(self, corpus: PackedCorpus, size: int, seed: int):
+        if size < 1:
+            raise DataError(f"the shuffle buffer needs at least 1 row, got {size}")
+        self.corpus, self.size = corpus, size
+        self.rng = np.random.default_rng([seed, 1])
+        self.reader_position = Position()
+        self.buffer: list[Row] = []
+        self._reader: Iterator[Row] | None = None
+
+    def next_row(self) -> Row:
+        if self._reader is None:
+            self._reader = self.corpus.rows(self.reader_position)
+        while len(self.buffer) < self.size:
+            row = next(self._reader)  # the train split never ends
+            self.buffer.append(row)
+            self.reader_position = row.next
+        i = int(self.rng.integers(len(self.buffer)))
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def next_batch(self, batch_size: int) -> Batch:
+        return make_batch([self.next_row() for _ in range(batch_size)])
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(JSON-ready dict, tensors) describing where the stream stands."""
+        S = self.corpus.seq_len
+        ids = np.stack([r.ids for r in self.buffer]) if self.buffer else np.zeros((0, S), dtype=np.int64)
+        cu = [r.cu_seqlens for r in self.buffer]
+        tensors = {"data.buffer.ids": torch.from_numpy(ids),
+                   "data.buffer.cu_seqlens": torch.from_numpy(np.concatenate(cu) if cu else np.zeros(0, np.int64)),
+                   "data.buffer.cu_lengths": torch.tensor([len(c) for c in cu], dtype=torch.int64)}
+        return {"reader": self.reader_position.to_dict(), "rng": self.rng.bit_generator.state}, tensors
+
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.reader_position = Position(**state["reader"])
+        self.rng.bit_generator.state = state["rng"]
+        cu = np.split(tensors["data.buffer.cu_seqlens"].numpy(), np.cumsum(tensors["data.buffer.cu_lengths"].numpy())[:-1])
+        ids = tensors["data.buffer.ids"].numpy()
+        self.buffer = [Row(ids[i].copy(), cu[i].copy(), self.reader_position) for i in range(len(ids))]
+        self._reader = None

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError
 from ..model import causal_lm_loss
 from .data import (
-    Batch, DataError, PackedCorpus, Position, TextTokenizer, list_files, make_batch, tokenizer_vocab_size,
+    Batch, DataError, PackedCorpus, ShuffledRows, TextTokenizer, list_files, make_batch, tokenizer_vocab_size,
 )
 from .state import load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng, save_checkpoint
 
@@ -63,6 +63,7 @@ class TrainSettings:
     eval_every: int = 100          # steps between evaluations (also at step 0 and at the end); 0 = never
     eval_rows: int = 32            # held-out rows per evaluation
     eval_fraction: float = 0.02    # share of documents held out
+    shuffle_buffer: int = 1024     # rows the training order is drawn from at random (1 = reading order)
     save_every: int = 500          # steps between checkpoints (and one at the end); 0 = only at the end
     keep_checkpoints: int = 2      # newest checkpoints kept; 0 = all
     log_every: int = 10            # steps between log lines and routing statistics
@@ -72,7 +73,7 @@ class TrainSettings:
 
     def validate(self) -> None:
         errors = []
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_rows", "log_every"):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_rows", "log_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_every", "save_every", "keep_checkpoints"):
@@ -184,12 +185,13 @@ class Trainer:
         files = corpus.files()
         self.corpus_fingerprint = {"files": len(files), "crc32": zlib.crc32("\n".join(files).encode())}
         self.train_data = PackedCorpus(files, tokenizer, settings.seq_len, "train", settings.eval_fraction, settings.seed)
+        self.stream = ShuffledRows(self.train_data, settings.shuffle_buffer, settings.seed)
         self.eval_data = (PackedCorpus(files, tokenizer, settings.seq_len, "eval", settings.eval_fraction)
                           if settings.eval_every else None)
         self._eval_batches: list[Batch] | None = None
         self.optimizer = build_optimizer(self.model, settings, self.device)
         self.autocast_dtype = self._autocast_dtype()
-        self.step, self.tokens, self.elapsed, self.position = 0, 0, 0.0, Position()
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.history: list[dict] = []  # one dict per step (CSV_FIELDS)
         self._log = log or (lambda line: None)
         self._stop_requested = False
@@ -232,7 +234,7 @@ class Trainer:
         load_optimizer_tensors(trainer.optimizer, names, tensors, state["optimizer_groups"])
         restore_rng(tensors)
         trainer.step, trainer.tokens, trainer.elapsed = state["step"], state["tokens"], state["elapsed_s"]
-        trainer.position = Position(**state["position"])
+        trainer.stream.restore(state["data"], tensors)
         trainer.history = [row for row in read_metrics(out_dir) if row["step"] <= trainer.step]
         trainer._fresh = False
         return trainer
@@ -286,7 +288,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += sum(b.tokens for b in batches)
-        self.position = batches[-1].next
         return {"loss": loss, "aux_loss": float(aux_sum) if counts is not None else None, "lr": lr,
                 "grad_norm": float(grad_norm), "routing": counts}
 
@@ -312,14 +313,15 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- saving
     def save(self) -> str:
+        data_state, data_tensors = self.stream.state()
         state = {
-            "tokens": self.tokens, "elapsed_s": self.elapsed, "position": self.position.to_dict(),
+            "tokens": self.tokens, "elapsed_s": self.elapsed, "data": data_state,
             "settings": dataclasses.asdict(self.settings), "corpus": dataclasses.asdict(self.corpus),
             "corpus_fingerprint": self.corpus_fingerprint, "tokenizer": self.tokenizer_spec,
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         }
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.tokenizer, state,
-                               keep=self.settings.keep_checkpoints)
+                               data_tensors, keep=self.settings.keep_checkpoints)
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and return from `fit` (what Ctrl-C does)."""
@@ -347,7 +349,6 @@ class Trainer:
             self._log(f"step {self.step}: held-out loss {eval_loss:.4f} (perplexity {math.exp(eval_loss):.1f})")
             metrics.write({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
                            "elapsed_s": 0.0})
-        stream = self.train_data.batches(s.batch_size, self.position)
         status, checkpoint_path = "done", None
         routing, started = None, time.perf_counter()
         previous_handler = self._install_sigint()
@@ -357,7 +358,7 @@ class Trainer:
         try:
             while self.step < s.steps:
                 t0 = time.perf_counter()
-                out = self.train_step([next(stream) for _ in range(s.grad_accum)])
+                out = self.train_step([self.stream.next_batch(s.batch_size) for _ in range(s.grad_accum)])
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 tok_s = s.batch_size * s.grad_accum * s.seq_len / dt

@@ -5,7 +5,7 @@
                                                            and transformers load it as it is
       tokenizer.json, tokenizer_config.json                the tokenizer
       trainer_state.safetensors                            AdamW moments and step counts (keyed by parameter
-                                                           name), RNG states
+                                                           name), RNG states, the data shuffle buffer
       trainer_state.json                                   step, tokens, data position, settings, corpus
       COMPLETE.json                                        written last: size and sha256 of every file above
     checkpoints/latest                                     the name of the newest complete checkpoint
@@ -91,9 +91,10 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, st
 
 # --------------------------------------------------------------------------------------------- save
 def save_checkpoint(run_dir: str, step: int, model, optimizer, tokenizer: TextTokenizer, state: dict,
-                    keep: int = 0) -> str:
-    """Write the checkpoint of `step` under `run_dir/checkpoints/` atomically, point `latest` at it,
-    and delete all but the newest `keep` complete checkpoints (keep = 0 keeps all). Returns its path."""
+                    extra_tensors: dict, keep: int = 0) -> str:
+    """Write the checkpoint of `step` under `run_dir/checkpoints/` atomically (`state` to the JSON file,
+    the optimizer, RNG and `extra_tensors` to the safetensors file), point `latest` at it, and delete
+    all but the newest `keep` complete checkpoints (keep = 0 keeps all). Returns its path."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = checkpoint_name(step)
@@ -105,6 +106,7 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, tokenizer: TextTo
         save_tokenizer(tokenizer, partial)
         names = {id(p): n for n, p in model.named_parameters()}
         tensors, groups = optimizer_tensors(optimizer, names)
+        tensors.update(extra_tensors)
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, rng in enumerate(torch.cuda.get_rng_state_all()):
