@@ -72,21 +72,22 @@ def select_tokens(
 
 
 def prefill_chunk_length(model, batch_size: int, total_length: int, padded: bool, chunk_size: int) -> int:
-    """Tokens per prefill chunk. Without padding, attention runs causal (flash) and `chunk_size` bounds the
-    activations; with padding it runs under a materialised [B, H, chunk, S] mask and scores, so the chunk
-    also keeps those under 2^28 elements (1 GiB of fp32 scores)."""
-    if not padded:
-        return chunk_size
-    per_token = batch_size * model.config.num_attention_heads * total_length
-    return max(64, min(chunk_size, (1 << 28) // per_token))
+    """Prompt positions per prefill chunk: `chunk_size` tokens over all rows together (so activations
+    stay bounded whatever the batch); with padding, attention runs under a materialised [B, H, chunk, S]
+    mask and scores, so the chunk also keeps those under 2^28 elements (1 GiB of fp32 scores)."""
+    step = max(1, chunk_size // batch_size)
+    if padded:
+        step = min(step, max(64, (1 << 28) // (batch_size * model.config.num_attention_heads * total_length)))
+    return step
 
 
 @torch.inference_mode()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HybridCache,
             chunk_size: int = 8192) -> torch.Tensor:
     """Run the prompt input_ids [B, T] (attention_mask [B, T], left padding) through an empty `cache` in
-    chunks; return the logits [B, V] of the last position. Peak memory grows with the chunk, not with T
-    (no [T, V] logits, no load-balancing loss); the cache ends as after one forward over the whole prompt."""
+    chunks of about `chunk_size` tokens (all rows together); return the logits [B, V] of the last
+    position. Peak memory grows with the chunk, not with T (no [T, V] logits, no load-balancing loss);
+    the cache ends as after one forward over the whole prompt."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T = input_ids.shape
@@ -147,8 +148,8 @@ def generate(
     called with each step's tokens. Defaults for eos/pad come from the model's config.
 
     decode: "auto" (CUDA graphs on CUDA, else eager), "graph", "static" (the graph-safe step, not captured)
-    or "eager" (see the module docstring). The prompt runs through the cache `prefill_chunk_size` tokens
-    at a time."""
+    or "eager" (see the module docstring). The prompt runs through the cache about `prefill_chunk_size` tokens
+    (all rows together) at a time."""
     _validate(model, input_ids, attention_mask, max_new_tokens)
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")

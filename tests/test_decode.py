@@ -94,7 +94,7 @@ def _prefill_both(model, ids, mask, chunk):
     """(last logits, cache) of the chunked prefill and of one forward over the whole prompt."""
     B, T = ids.shape
     results = []
-    for size in (chunk, T):
+    for size in (chunk, B * T):  # chunk_size counts the tokens of all rows together
         cache = HybridCache(model.config, B, T + 3, dtype=next(model.parameters()).dtype, device=ids.device)
         logits = prefill(model, ids, mask, cache, chunk_size=size)
         results.append((logits, cache))
@@ -148,6 +148,8 @@ def test_graph_decode_equals_eager_on_gpu(batch):
 
 
 @cuda
+# On the H100 (2026-11-23, one run) the bf16 cases passed and both fp32 cases failed at 1e-4; the size
+# of the error and its cause were not established (no device time was left to look).
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_chunked_prefill_equals_one_shot_on_gpu(dtype, tol, padded):
