@@ -8,6 +8,7 @@ import sys
 import time
 
 from .config import FULL, PRESETS, Qwen3NextConfig
+from .distributed.launch import add_generation_arguments, generation_dims, parallelize_for_generation
 from .distributed.plan import add_inspect_arguments, print_plan_if_asked
 from .model import cache_bytes_per_sequence, count_parameters
 from .train.cli import add_commands as add_train_commands
@@ -117,11 +118,13 @@ def cmd_generate(args) -> int:
         raise SystemExit("error: give --prompt TEXT or --prompt-ids IDS")
     if not ids:
         raise SystemExit("error: the prompt is empty")
+    dims = generation_dims(args)  # --tp/--ep under torchrun (sets this rank's CUDA device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model = load_model(args.model, dtype=args.dtype, device=device)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+    model = parallelize_for_generation(model, dims, args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     eos = model.config.eos_token_id
@@ -134,6 +137,8 @@ def cmd_generate(args) -> int:
 
     def stream(tokens):
         marks.append(time.perf_counter())
+        if not dims.is_rank0:
+            return
         if printer is not None:
             printer(tokens)
         else:
@@ -153,6 +158,8 @@ def cmd_generate(args) -> int:
     new = out.shape[1] - len(ids)
     prefill = marks[0] - start
     decode = marks[-1] - marks[0]
+    if not dims.is_rank0:
+        return 0
     print()
     print(
         f"[prefill {len(ids)} tokens: {len(ids) / prefill:,.1f} tok/s | decode {new - 1} tokens: "
@@ -187,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", choices=["auto", "graph", "static", "eager"], default="auto",
                    help="decode loop: auto (default) = CUDA graphs on CUDA, eager on the CPU; 'static' or "
                         "'eager' turn the graphs off")
+    add_generation_arguments(p)
     p.set_defaults(func=cmd_generate)
     add_train_commands(sub)
     return parser

@@ -168,6 +168,7 @@ def _job_2(results, workdir):
     model = parallelize(_model(config, seed=3), dims, param_dtype=None, reduce_dtype=None)
     checkpoint.export_hf(model, os.path.join(workdir, "hf_tp2"), max_shard_size="200KB")
     results["generate/tp"] = _generate_check(config, model)
+    results["generate/cli"] = _cli_generate(os.path.join(workdir, "hf_tp2"), "--tp", "2")
 
     # clear errors, raised on every rank before any work
     bad_heads = _config(linear_num_key_heads=3, linear_num_value_heads=3)
@@ -201,6 +202,19 @@ def _generate_check(config, model):
     want = generate(_model(config, seed=3).eval(), ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     got = generate(model.eval(), ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     return {"equal": torch.equal(got, want), "new_tokens": got.shape[1] - ids.shape[1]}
+
+
+def _cli_generate(path, *flags):
+    """What `qwen3next generate` prints to stdout (greedy, prompt given as ids)."""
+    import contextlib
+    import io
+
+    from qwen3next.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["generate", "--model", path, "--prompt-ids", "5 17 3 99", "--max-new-tokens", "6", *flags])
+    return out.getvalue()
 
 
 def _cp_rule_check(dims):
@@ -365,9 +379,13 @@ def test_hf_export_loads_in_transformers(two, workdir):
         assert _rel(load_model(path)(ids).logits, want) <= 1e-6
 
 
-def test_greedy_generate_under_tp_matches_one_process(two):
+def test_greedy_generate_under_tp_matches_one_process(two, workdir):
     for r in two:
         assert r["generate/tp"] == {"equal": True, "new_tokens": 8}
+    # `torchrun --nproc-per-node 2 -m qwen3next generate ... --tp 2`: rank 0 prints one process's tokens
+    alone = _cli_generate(os.path.join(workdir, "hf_tp2"))
+    assert len(alone.split()) == 6
+    assert two[0]["generate/cli"] == alone and two[1]["generate/cli"] == ""
 
 
 def test_bad_inputs_get_clear_errors(two):
