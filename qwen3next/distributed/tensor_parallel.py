@@ -14,8 +14,9 @@ Parameters become DTensors on the tp mesh (same names; `.full_tensor()` is the s
                    _StridedShard(1, 2) (each rank: its gate rows and its up rows), down Shard(2)
   embed_tokens, lm_head  Shard(0) (vocab parallel; the loss never gathers the logits)
   norms, router, shared_expert_gate  Replicate
-The computation runs on local tensors: each block's forward is the model's own, called with the
-parameters swapped for their local views (so the model code stays single-device). Between blocks the
+The computation runs on local tensors: each decoder layer runs the model's own forward with its
+parameters swapped for their local views (`local_views_forward`, so the model code stays single-device
+and sees plain tensors). Between blocks the
 residual stream is sharded on the sequence (sequence parallel) when the sequence divides by tp (else,
 e.g. while decoding one token, it is replicated): a block all-gathers its input and reduce-scatters
 its output (all-reduce without SP). Replicated parameters that a rank applies to its own heads or
