@@ -155,15 +155,28 @@ def _attention_cache_view(heads: slice):
     return view
 
 
-def _linear_cache_view(channels: torch.Tensor, heads: slice):
+class _OnDevice:
+    """An index tensor kept on the CPU and copied once to each device that asks (the model may be
+    parallelized on the meta device and materialised afterwards)."""
+
+    def __init__(self, index: torch.Tensor):
+        self.copies = {torch.device("cpu"): index}
+
+    def __call__(self, device: torch.device) -> torch.Tensor:
+        if device not in self.copies:
+            self.copies[device] = self.copies[torch.device("cpu")].to(device)
+        return self.copies[device]
+
+
+def _linear_cache_view(channels: "_OnDevice", heads: slice):
     @contextlib.contextmanager
     def view(cache):
         conv, state = cache.conv_state, cache.recurrent_state
-        cache.conv_state, cache.recurrent_state = conv.index_select(1, channels), state[:, heads]
+        cache.conv_state, cache.recurrent_state = conv.index_select(1, channels(conv.device)), state[:, heads]
         try:
             yield
         finally:
-            conv.index_copy_(1, channels, cache.conv_state)
+            conv.index_copy_(1, channels(conv.device), cache.conv_state)
             cache.conv_state, cache.recurrent_state = conv, state
     return view
 
@@ -213,14 +226,13 @@ def parallelize_gated_deltanet(module, tp: TPRuntime) -> dict:
     for name in ("conv1d.weight", "norm.weight"):
         distribute_parameter(module, name, tp.mesh, [Replicate()])
     kd, vd = module.key_dim // n, module.value_dim // n
-    device = module.conv1d.weight.device
-    channels = torch.cat([torch.arange(r * kd, (r + 1) * kd), module.key_dim + torch.arange(r * kd, (r + 1) * kd),
-                          2 * module.key_dim + torch.arange(r * vd, (r + 1) * vd)]).to(device)
+    channels = _OnDevice(torch.cat([torch.arange(r * kd, (r + 1) * kd), module.key_dim + torch.arange(r * kd, (r + 1) * kd),
+                                    2 * module.key_dim + torch.arange(r * vd, (r + 1) * vd)]))
     module.num_k_heads //= n
     module.num_v_heads //= n
     module.key_dim, module.value_dim, module.conv_dim = kd, vd, 2 * kd + vd
     rules = {name: local for name in ("in_proj_qkvz.weight", "in_proj_ba.weight", "A_log", "dt_bias", "out_proj.weight")}
-    rules["conv1d.weight"] = lambda w: tp.heads_sum(local(w)).index_select(0, channels)
+    rules["conv1d.weight"] = lambda w: tp.heads_sum(local(w)).index_select(0, channels(w.device))
     rules["norm.weight"] = lambda w: tp.heads_sum(local(w))
     install_forward(module, _local_cache_forward, _linear_cache_view(channels, slice(r * module.num_v_heads,
                                                                                    (r + 1) * module.num_v_heads)))
