@@ -1,4 +1,4 @@
-"""The `qwen3next` command line: inspect, generate (and, as they land, train, demo)."""
+"""The `qwen3next` command line: inspect, generate, train, demo."""
 
 from __future__ import annotations
 
