@@ -271,6 +271,30 @@ def test_train_command_writes_a_run_and_resumes(tmp_path, capsys):
     assert "lr cannot change when resuming" in capsys.readouterr().err
 
 
+def test_fine_tuning_and_a_bpe_tokenizer(tmp_path):
+    """Start from a checkpoint (its tokenizer comes along), and train with a tokenizers BPE tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train(STDLIB_FILES[:2], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    bpe.save(str(tok_dir / "tokenizer.json"))
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    common = ["--seq-len", "32", "--batch-size", "2", "--eval-every", "0", "--no-progress"]
+    assert main(["train", *STDLIB_FILES[:2], "--tokenizer", str(tok_dir), "--out", str(tmp_path / "a"),
+                 "--steps", "2", *common]) == 0
+    first = tmp_path / "a" / "checkpoints" / "step-000002"
+    assert Tokenizer.from_file(str(first / "tokenizer.json")).encode("def f(x):").ids == bpe.encode("def f(x):").ids
+    assert main(["train", STDLIB_FILES[2], "--config", str(first), "--out", str(tmp_path / "b"), "--steps", "1",
+                 *common]) == 0
+    tuned = load_model(tmp_path / "b" / "checkpoints" / "step-000001")
+    assert tuned.config.eos_token_id == bpe.token_to_id("<|endoftext|>")
+    assert not torch.equal(tuned.lm_head.weight, load_model(first).lm_head.weight)
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--steps", "2", "--no-progress"]) == 0
