@@ -147,7 +147,7 @@ def enable_activation_checkpointing(model) -> None:
 def routing_counts(router_logits, top_k: int) -> torch.Tensor:
     """Top-k assignments per expert of each MoE layer: [layers, E] (what the router chose)."""
     return torch.stack([
-        torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
+        torch.bincount(logits.detach().topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
         for logits in router_logits
     ])
 
