@@ -132,6 +132,22 @@ def test_held_out_split_is_disjoint_and_stable(tmp_path):
     assert texts("train", 0) == texts("train", 7) == every_doc - chosen
 
 
+def test_one_large_file_has_a_held_out_part_and_no_segment_spans_a_gap(tmp_path):
+    rng = np.random.default_rng(0)
+    text = "".join(f"{i} " + "".join(chr(c) for c in rng.integers(97, 123, 80)) + "\n" for i in range(30000))
+    corpus = write_docs(tmp_path / "c", {"big.txt": text})
+    tok = ByteTokenizer()
+    seen = {}
+    for split in ("train", "eval"):
+        data = PackedCorpus(corpus.files(), tok, 512, split, eval_fraction=0.3)
+        rows = [row for _, row in zip(range(3000), data.rows())]
+        segments = [row.ids[s:e] for row in rows for s, e in zip(row.cu_seqlens[:-1], row.cu_seqlens[1:])]
+        pieces = [tok.decode(seg, skip_special_tokens=True) for seg in segments]
+        assert all(p in text for p in pieces)  # a segment never runs across a held-out gap
+        seen[split] = {line for p in pieces for line in p.split("\n")[1:-1]}
+    assert seen["eval"] and seen["train"] and not seen["eval"] & seen["train"]
+
+
 def test_packed_batch_loss_is_the_token_weighted_loss_of_its_documents(tmp_path):
     docs = {"a.txt": "first document, fairly short\n", "b.txt": "x" * 3, "c.txt": "the third one " * 6,
             "d.txt": "a long one that fills whole rows by itself. " * 6}

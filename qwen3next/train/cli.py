@@ -177,7 +177,7 @@ def cmd_demo(args) -> int:
     torch.set_num_threads(args.threads or idle_cores())
     log = _log_to(out)
     corpus = stdlib_source()
-    log(f"qwen3next demo: training the 'tiny' preset from scratch on this CPU ({torch.get_num_threads()} threads), "
+    log(f"qwen3next demo: training the 'tiny' preset from scratch on this CPU (threads: {torch.get_num_threads()}), "
         f"on the Python standard library's source ({corpus.paths[0]}), with the built-in byte-level tokenizer.")
     settings = TrainSettings(**{**DEMO_SETTINGS, **_given_settings(args)})
     model, tokenizer, spec = build_model("tiny", "byte", settings.seed, None)
@@ -195,7 +195,7 @@ def cmd_demo(args) -> int:
     generator = torch.Generator().manual_seed(0)
     sample = generate(model, prompt, max_new_tokens=160, do_sample=True, temperature=0.7, top_k=40,
                       eos_token_id=tokenizer.eos_token_id, generator=generator)
-    text = tokenizer.decode(sample[0].tolist(), skip_special_tokens=True)
+    text = tokenizer.decode(sample[0].tolist(), skip_special_tokens=True).rstrip()
     log(f"\nsample (temperature 0.7) after the prompt {DEMO_PROMPT!r}:\n{'-' * 60}\n{text}\n{'-' * 60}")
     log(f"checkpoint (Hugging Face layout, resumable): {result['checkpoint']}\n"
         f"loss curve: {result['plot']}\nmetrics: {os.path.join(out, 'metrics.csv')}  log: {os.path.join(out, 'train.log')}\n"

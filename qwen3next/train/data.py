@@ -3,12 +3,15 @@ boundaries, and a held-out split.
 
 Corpus: files and directories (walked recursively, sorted, hidden and `__pycache__` directories
 skipped, file names matched against `include` globs). A `.jsonl` file holds one document per line
-(its "text" field); any other file is one document, read as UTF-8 in pieces of about 1 MB of whole
+(its "text" field); any other file is one document, read as UTF-8 in pieces of about 64 KB of whole
 lines, so neither a huge file nor a huge corpus is ever held in memory. A document's tokens end with
 the tokenizer's end-of-text id when it has one.
 
-Held-out split: a document is held out when a hash of (file path, line) falls below `eval_fraction`;
-the decision never depends on the order files are read in, so the split is stable across epochs and runs.
+Held-out split: a piece (a .jsonl line, or a block of a text file) is held out when a hash of (file
+path, piece index) falls below `eval_fraction`, so even a corpus of one large file has a held-out
+part; the decision never depends on the order files are read in, so the split is stable across epochs
+and runs. Where pieces of one document fall on both sides, each side's text resumes as a new segment
+after a gap (no token is trained to continue text it did not see).
 
 Packing: documents are laid end to end in rows of exactly `seq_len` tokens; a document that does not
 fit the rest of a row continues at the start of the next one. Each row carries `cu_seqlens`, the
@@ -36,7 +39,7 @@ import numpy as np
 import torch
 
 END_OF_TEXT = "<|endoftext|>"
-PIECE_CHARS = 1 << 20
+PIECE_CHARS = 1 << 16
 DEFAULT_INCLUDE = ("*.txt", "*.md", "*.rst", "*.py", "*.jsonl")
 
 
@@ -188,10 +191,9 @@ def list_files(paths: Sequence[str], include: Sequence[str] = DEFAULT_INCLUDE,
 @dataclass(frozen=True)
 class Piece:
     """A stretch of one document: `index` counts the pieces of its file; `first`/`last` mark the
-    document's first and last piece; `doc` identifies the document within its file."""
+    document's first and last piece."""
 
     index: int
-    doc: int
     text: str
     first: bool
     last: bool
@@ -208,7 +210,7 @@ def read_pieces(path: str, start: int = 0) -> Iterator[Piece]:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise DataError(f"{path}:{i + 1}: expected a JSON object with a 'text' string ({e})") from None
-                yield Piece(i, i, str(text), True, True)
+                yield Piece(i, str(text), True, True)
         return
     with open(path, encoding="utf-8", errors="replace") as f:
         blocks = _line_blocks(f)
@@ -216,7 +218,7 @@ def read_pieces(path: str, start: int = 0) -> Iterator[Piece]:
         while text is not None:
             following = next(blocks, None)
             if index >= start:
-                yield Piece(index, 0, text, index == 0, following is None)
+                yield Piece(index, text, index == 0, following is None)
             text, index = following, index + 1
 
 
@@ -233,9 +235,9 @@ def _line_blocks(lines: Iterator[str]) -> Iterator[str]:
         yield "".join(block)
 
 
-def is_held_out(path: str, doc: int, fraction: float) -> bool:
-    """Deterministic document-level split: crc32 of 'path:doc' below `fraction` of the hash range."""
-    return fraction > 0 and zlib.crc32(f"{path}:{doc}".encode()) < fraction * 2**32
+def is_held_out(path: str, piece: int, fraction: float) -> bool:
+    """Deterministic split: crc32 of 'path:piece' below `fraction` of the hash range."""
+    return fraction > 0 and zlib.crc32(f"{path}:{piece}".encode()) < fraction * 2**32
 
 
 # --------------------------------------------------------------------------------------------- packing
@@ -310,8 +312,8 @@ class PackedCorpus:
         order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self.files))
         return [self.files[i] for i in order]
 
-    def _wanted(self, path: str, doc: int) -> bool:
-        return is_held_out(path, doc, self.eval_fraction) == (self.split == "eval")
+    def _wanted(self, path: str, piece: int) -> bool:
+        return is_held_out(path, piece, self.eval_fraction) == (self.split == "eval")
 
     def _token_pieces(self, start: Position) -> Iterator[tuple[Position, np.ndarray, bool]]:
         """(position of the first token, tokens, starts a document) for every piece from `start` on."""
@@ -323,8 +325,9 @@ class PackedCorpus:
             first_file = start.file if epoch == start.epoch else 0
             for f in range(first_file, len(order)):
                 resume = epoch == start.epoch and f == start.file
+                previous = None  # index of the last piece of this file given out
                 for piece in read_pieces(order[f], start.piece if resume else 0):
-                    if not self._wanted(order[f], piece.doc):
+                    if not self._wanted(order[f], piece.index):
                         continue
                     tokens = np.asarray(self.tokenizer.encode(piece.text), dtype=np.int64)
                     if piece.last and eos is not None:
@@ -333,7 +336,9 @@ class PackedCorpus:
                     if skip >= len(tokens):
                         continue
                     produced = True
-                    yield Position(epoch, f, piece.index, skip), tokens[skip:], piece.first and skip == 0
+                    new_segment = piece.first or previous != piece.index - 1
+                    previous = piece.index
+                    yield Position(epoch, f, piece.index, skip), tokens[skip:], new_segment
             if self.split == "eval":
                 return
             if not produced and (epoch > start.epoch or start == Position(start.epoch)):

@@ -340,7 +340,7 @@ class Trainer:
         if self._fresh:
             torch.manual_seed(s.seed)
         self._log(f"training {self.model.num_parameters() / 1e6:.2f}M parameters on {self.device}"
-                  f" ({'bf16 autocast' if self.autocast_dtype else 'fp32'}, {torch.get_num_threads()} CPU threads)"
+                  f" ({'bf16 autocast' if self.autocast_dtype else 'fp32'}, CPU threads: {torch.get_num_threads()})"
                   f"; {self.corpus_fingerprint['files']} files; step {self.step} -> {s.steps};"
                   f" {s.batch_size * s.grad_accum * s.seq_len} tokens per step; run directory {self.out_dir}")
         eval_loss = None
