@@ -3,7 +3,6 @@ resume after Ctrl-C, load balancing, activation checkpointing), checkpoints (tra
 corrupt or partial ones are refused), and clear errors for bad input."""
 
 import json
-import math
 import os
 import signal
 import sysconfig
@@ -17,7 +16,7 @@ from qwen3next.checkpoint import CheckpointError, load_model
 from qwen3next.cli import main
 from qwen3next.config import ConfigError
 from qwen3next.model import Qwen3NextForCausalLM
-from qwen3next.train import ByteTokenizer, Corpus, DataError, PackedCorpus, Position, Trainer, TrainSettings
+from qwen3next.train import ByteTokenizer, Corpus, DataError, PackedCorpus, Trainer, TrainSettings
 from qwen3next.train.data import ShuffledRows, is_held_out, make_batch
 from qwen3next.train.loop import load_ratio, lr_at, routing_counts
 from qwen3next.train.state import MARKER, verify_checkpoint

@@ -18,8 +18,9 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import PRESETS, ConfigError, Qwen3NextConfig
-from .data import DataError, load_tokenizer
+from .data import DEFAULT_INCLUDE, DataError, load_tokenizer
 from .loop import Corpus, Trainer, TrainingError, TrainSettings
+from .state import find_checkpoint, run_directory
 
 DEFAULTS = TrainSettings()
 
@@ -121,11 +122,11 @@ def cmd_train(args) -> int:
             if args.data or args.config or args.tokenizer or args.aux_coef is not None:
                 raise ConfigError("--resume continues a saved run with its own data, model and tokenizer: "
                                   "do not pass DATA, --config, --tokenizer or --aux-coef with it")
-            log = _log_to(args.out) if args.out else None
-            trainer = Trainer.resume(args.resume, device, out_dir=args.out, overrides=given, log=log)
-            if log is None:
-                trainer._log = _log_to(trainer.out_dir)
-            trainer._log(f"resuming from step {trainer.step} ({args.resume})")
+            checkpoint = find_checkpoint(args.resume)
+            out = args.out or run_directory(checkpoint)
+            log = _log_to(out)
+            trainer = Trainer.resume(checkpoint, device, out_dir=out, overrides=given, log=log)
+            log(f"resuming from step {trainer.step} ({checkpoint})")
         else:
             if not args.data:
                 raise DataError("give the training text: files or directories (DATA), or --resume a run")
@@ -138,14 +139,15 @@ def cmd_train(args) -> int:
             settings.validate()
             model, tokenizer, tokenizer_spec = build_model(args.config or "tiny", args.tokenizer, settings.seed,
                                                            args.aux_coef)
-            corpus = Corpus(args.data, args.include or Corpus([]).include, args.exclude_dir or [])
-            trainer = Trainer(model, tokenizer, corpus, settings, args.out, device, tokenizer_spec,
-                              log=_log_to(args.out))
+            corpus = Corpus([os.path.abspath(p) for p in args.data], args.include or list(DEFAULT_INCLUDE),
+                            args.exclude_dir or [])
+            log = _log_to(args.out)
+            trainer = Trainer(model, tokenizer, corpus, settings, args.out, device, tokenizer_spec, log=log)
         result = trainer.fit(progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    trainer._log(f"checkpoint: {result['checkpoint']}\nloss curve: {result['plot']}")
+    log(f"checkpoint: {result['checkpoint']}\nloss curve: {result['plot']}")
     return 130 if result["status"] == "interrupted" else 0
 
 

@@ -35,9 +35,12 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError
 from ..model import causal_lm_loss
 from .data import (
-    Batch, DataError, PackedCorpus, ShuffledRows, TextTokenizer, list_files, make_batch, tokenizer_vocab_size,
+    DEFAULT_INCLUDE, Batch, DataError, PackedCorpus, ShuffledRows, TextTokenizer, list_files, load_tokenizer, make_batch,
+    tokenizer_vocab_size,
 )
-from .state import load_checkpoint, load_optimizer_tensors, optimizer_tensors, restore_rng, save_checkpoint
+from .state import (
+    find_checkpoint, load_checkpoint, load_optimizer_tensors, restore_rng, run_directory, save_checkpoint,
+)
 
 
 class TrainingError(RuntimeError):
@@ -107,7 +110,7 @@ class Corpus:
     """Which files a run reads: paths (files or directories), file-name globs, directory names to skip."""
 
     paths: list[str]
-    include: list[str] = field(default_factory=lambda: ["*.txt", "*.md", "*.rst", "*.py", "*.jsonl"])
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude_dirs: list[str] = field(default_factory=list)
 
     def files(self) -> list[str]:
@@ -207,11 +210,9 @@ class Trainer:
     @classmethod
     def resume(cls, path: str, device: str | torch.device = "cpu", out_dir: str | None = None,
                overrides: dict | None = None, log=None) -> "Trainer":
-        """Rebuild a run from a checkpoint directory (or a run directory's latest checkpoint). The saved
-        settings are used; `overrides` may change steps, max_time, eval/save/log intervals."""
-        from .data import load_tokenizer
-        from .state import find_checkpoint
-
+        """Rebuild a run from a checkpoint directory (or a run directory's latest checkpoint); it goes on
+        writing to `out_dir`, by default the run directory the checkpoint is in. The saved settings are
+        used; `overrides` may change steps, max_time, eval/save/log intervals."""
         directory = find_checkpoint(path)
         model, state, tensors = load_checkpoint(directory, device)
         settings = TrainSettings.from_dict(state["settings"])
@@ -222,10 +223,7 @@ class Trainer:
                                   f"these can: {sorted(allowed)}")
             setattr(settings, key, value)
         corpus = Corpus(**state["corpus"])
-        if out_dir is None:
-            parent = os.path.dirname(os.path.abspath(directory))
-            out_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-        trainer = cls(model, load_tokenizer(directory), corpus, settings, out_dir, device,
+        trainer = cls(model, load_tokenizer(directory), corpus, settings, out_dir or run_directory(directory), device,
                       tokenizer_spec=state["tokenizer"], log=log)
         if trainer.corpus_fingerprint != state["corpus_fingerprint"]:
             raise DataError(f"the corpus changed since the checkpoint was written ({state['corpus_fingerprint']['files']}"
@@ -235,7 +233,7 @@ class Trainer:
         restore_rng(tensors)
         trainer.step, trainer.tokens, trainer.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         trainer.stream.restore(state["data"], tensors)
-        trainer.history = [row for row in read_metrics(out_dir) if row["step"] <= trainer.step]
+        trainer.history = [row for row in read_metrics(trainer.out_dir) if row["step"] <= trainer.step]
         trainer._fresh = False
         return trainer
 
@@ -323,14 +321,10 @@ class Trainer:
         return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.tokenizer, state,
                                data_tensors, keep=self.settings.keep_checkpoints)
 
-    def request_stop(self) -> None:
-        """Finish the current step, save a checkpoint and return from `fit` (what Ctrl-C does)."""
-        self._stop_requested = True
-
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self, callback=None, progress: bool = True) -> dict:
         """Train up to `settings.steps`. `callback(trainer, metrics)` runs after every step. Ctrl-C (the
-        first; a second one aborts), `request_stop()` or `max_time` end the run early after saving.
+        first; a second one aborts) or `max_time` end the run early after saving.
         Returns {"status": "done" | "interrupted" | "time limit", "step", "checkpoint", "eval_loss"}."""
         from tqdm.auto import tqdm
 
@@ -349,8 +343,8 @@ class Trainer:
             self._log(f"step {self.step}: held-out loss {eval_loss:.4f} (perplexity {math.exp(eval_loss):.1f})")
             metrics.write({"step": 0, "tokens": 0, "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss),
                            "elapsed_s": 0.0})
-        status, checkpoint_path = "done", None
-        routing, started = None, time.perf_counter()
+        status, routing, started = "done", None, time.perf_counter()
+        self._stop_requested = False
         previous_handler = self._install_sigint()
         previous_determinism = _deterministic(self.device.type == "cpu")
         bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,

@@ -147,6 +147,12 @@ def find_checkpoint(path: str) -> str:
     return path
 
 
+def run_directory(checkpoint: str) -> str:
+    """The run directory a checkpoint belongs to (`run/checkpoints/step-N` -> `run`)."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+
+
 def verify_checkpoint(directory: str) -> dict:
     """Check every file against the completeness marker; return the marker. Raises CheckpointError
     saying what is missing, truncated or altered."""
