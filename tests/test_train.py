@@ -314,7 +314,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--steps", "2", "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert "held-out loss after 2 steps" in text and "sample (temperature 0.7)" in text
+    assert "held-out loss after 2 steps" in text and "sample (temperature 0.8)" in text
     assert "checkpoints/step-000002" in text and "loss.png" in text
     verify_checkpoint(os.path.join(out, "checkpoints", "step-000002"))
     assert main(["demo", "--out", str(tmp_path), "--steps", "1", "--no-progress"]) == 2  # not a demo directory

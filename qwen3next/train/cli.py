@@ -154,7 +154,7 @@ def cmd_train(args) -> int:
 # --------------------------------------------------------------------------------------------- demo
 DEMO_SETTINGS = dict(steps=200, seq_len=256, batch_size=8, lr=3e-3, warmup=20, min_lr_ratio=0.1, weight_decay=0.1,
                      eval_every=50, eval_rows=32, eval_fraction=0.02, save_every=100, log_every=25, max_time=170.0)
-DEMO_PROMPT = "def "
+DEMO_PROMPT = "class "
 
 
 def stdlib_source() -> Corpus:
@@ -195,10 +195,10 @@ def cmd_demo(args) -> int:
     model = trainer.model.eval()
     prompt = torch.tensor([list(tokenizer.encode(DEMO_PROMPT))])
     generator = torch.Generator().manual_seed(0)
-    sample = generate(model, prompt, max_new_tokens=160, do_sample=True, temperature=0.7, top_k=40,
+    sample = generate(model, prompt, max_new_tokens=160, do_sample=True, temperature=0.8, top_k=40,
                       eos_token_id=tokenizer.eos_token_id, generator=generator)
     text = tokenizer.decode(sample[0].tolist(), skip_special_tokens=True).rstrip()
-    log(f"\nsample (temperature 0.7) after the prompt {DEMO_PROMPT!r}:\n{'-' * 60}\n{text}\n{'-' * 60}")
+    log(f"\nsample (temperature 0.8) after the prompt {DEMO_PROMPT!r}:\n{'-' * 60}\n{text}\n{'-' * 60}")
     log(f"checkpoint (Hugging Face layout, resumable): {result['checkpoint']}\n"
         f"loss curve: {result['plot']}\nmetrics: {os.path.join(out, 'metrics.csv')}  log: {os.path.join(out, 'train.log')}\n"
         f"try: qwen3next generate --model {result['checkpoint']} --prompt 'import '\n"
