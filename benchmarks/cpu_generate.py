@@ -12,7 +12,7 @@ import time
 import torch
 import transformers
 
-from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM
+from peer import model_pair
 
 
 def main():
@@ -22,13 +22,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="tiny")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    config = Qwen3NextConfig.preset(args.preset)
-    ours = Qwen3NextForCausalLM(config).eval()
-    d = config.to_dict()
-    d.pop("architectures"), d.pop("model_type")
-    hf = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**d)).eval()
-    hf.load_state_dict(ours.state_dict(), strict=True)
+    config, ours, hf = model_pair(args.preset)
     ids = torch.randint(0, config.vocab_size, (1, args.prompt))
 
     def run(fn):
