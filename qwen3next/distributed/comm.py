@@ -104,28 +104,19 @@ class _Gather(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class _Split(torch.autograd.Function):
+class _ToShard(torch.autograd.Function):
+    """Forward: this rank's piece along `dim`, of a replicated tensor (`_own`) or of partial sums' total
+    (`reduce_scatter_raw`); either way the backward all-gathers the pieces' gradients."""
+
     @staticmethod
-    def forward(ctx, x, dim, sizes, group):
+    def forward(ctx, x, dim, sizes, group, piece):
         ctx.args = dim, sizes, group
-        return _own(x, dim, sizes, group)
+        return piece(x, dim, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):
         dim, sizes, group = ctx.args
-        return all_gather_raw(grad.contiguous(), dim, sizes, group), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = dim, sizes, group
-        return reduce_scatter_raw(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dim, sizes, group = ctx.args
-        return all_gather_raw(grad.contiguous(), dim, sizes, group), None, None, None
+        return all_gather_raw(grad.contiguous(), dim, sizes, group), None, None, None, None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -184,14 +175,14 @@ def split(x, dim, sizes, group):
     """This rank's piece of a replicated tensor along `dim`; backward all-gathers."""
     if group_size(group) == 1:
         return x
-    return _Split.apply(x, dim, sizes, group)
+    return _ToShard.apply(x, dim, sizes, group, _own)
 
 
 def reduce_scatter(x, dim, sizes, group):
     """Partial sums -> this rank's piece of their total along `dim`; backward all-gathers."""
     if group_size(group) == 1:
         return x
-    return _ReduceScatter.apply(x, dim, sizes, group)
+    return _ToShard.apply(x, dim, sizes, group, reduce_scatter_raw)
 
 
 def all_reduce(x, group):
