@@ -91,7 +91,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # --------------------------------------------------------------------------------------------- mixers
 class GatedDeltaNet(nn.Module):
     """Linear-attention mixer: projections, causal conv + SiLU, L2-normed q/k, the gated delta rule,
-    gated RMSNorm, output projection (SPEC section 3)."""
+    gated RMSNorm, output projection (SPEC section 3).
+
+    The layer calls its operations through `self.ops` (the `qwen3next.ops` module): a layer that is
+    parallelized from outside (context parallelism) gets its own ops object with the same functions."""
+
+    ops = ops
 
     def __init__(self, config: Qwen3NextConfig, layer_idx: int):
         super().__init__()
@@ -138,7 +143,7 @@ class GatedDeltaNet(nn.Module):
         """in_proj_ba's output [B, T, Hk * 2r] -> (beta = sigmoid(b), g = -exp(A_log) * softplus(a + dt_bias))
         [B, T, Hv], fp32 (fp64 in an fp64 model), one fused op; a padding step (token_mask 0) gets
         beta = g = 0, which leaves the state unchanged."""
-        beta, g = ops.gdn_gates(ba, self.A_log, self.dt_bias, self.num_k_heads, self.clip_val)
+        beta, g = self.ops.gdn_gates(ba, self.A_log, self.dt_bias, self.num_k_heads, self.clip_val)
         if token_mask is not None:
             beta, g = beta * token_mask[..., None], g * token_mask[..., None]
         return beta, g
@@ -155,9 +160,9 @@ class GatedDeltaNet(nn.Module):
         conv_state = cache.conv_state if cache is not None and cache.filled else None
         recurrent_state = cache.recurrent_state if cache is not None and cache.filled else None
         if cache is not None and T == 1 and conv_state is not None:
-            mixed = ops.causal_conv1d_update(mixed[:, 0], conv_state, weight).unsqueeze(1)
+            mixed = self.ops.causal_conv1d_update(mixed[:, 0], conv_state, weight).unsqueeze(1)
         else:
-            mixed, new_conv_state = ops.causal_conv1d(
+            mixed, new_conv_state = self.ops.causal_conv1d(
                 mixed, weight, initial_state=conv_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens
             )
             if cache is not None:
@@ -165,7 +170,8 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self.split_mixed(mixed)
         beta, g = self.gates(self.in_proj_ba(x), token_mask)
 
-        rule = ops.fused_recurrent_gated_delta_rule if (T == 1 or self.use_recurrent) else ops.chunk_gated_delta_rule
+        recurrent = T == 1 or self.use_recurrent
+        rule = self.ops.fused_recurrent_gated_delta_rule if recurrent else self.ops.chunk_gated_delta_rule
         o, final_state = rule(
             q, k, v, g, beta, initial_state=recurrent_state, output_final_state=cache is not None,
             use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens,
@@ -183,10 +189,10 @@ class GatedDeltaNet(nn.Module):
         B = x.shape[0]
         q, k, v, z = self.split_projections(self.in_proj_qkvz(x))
         mixed = torch.cat([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], dim=-1)
-        mixed = ops.causal_conv1d_update(mixed, cache.conv_state, self.conv1d.weight.squeeze(1))
+        mixed = self.ops.causal_conv1d_update(mixed, cache.conv_state, self.conv1d.weight.squeeze(1))
         q, k, v = self.split_mixed(mixed.unsqueeze(1))
         beta, g = self.gates(self.in_proj_ba(x))
-        o = ops.recurrent_gated_delta_rule_update(
+        o = self.ops.recurrent_gated_delta_rule_update(
             q, k, v, g, beta, cache.recurrent_state, state_indices, use_qk_l2norm_in_kernel=True
         )
         o = self.norm(o, z)

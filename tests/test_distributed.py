@@ -35,6 +35,10 @@ CONFIG = dict(
 # one-dim layouts on 2 processes; "tp_mqa" has one KV head (replicated over tp) and an odd length (no SP)
 LAYOUTS_2 = {"tp": dict(tp=2), "tp_mqa": dict(tp=2), "ep": dict(ep=2), "cp": dict(cp=2), "dp_shard": dict(dp_shard=2)}
 LAYOUTS_4 = {"tp2_dp2": dict(tp=2, dp_shard=2), "ep2_dp2": dict(ep=2, dp_shard=2), "cp2_tp2": dict(cp=2, tp=2)}
+# documents packed in one row of T = 22 (cu_seqlens); cp=2 splits it at 11: a document that crosses the
+# split starting 2 tokens before it (the conv reads 3 back), and one that starts exactly at it
+PACKED = {"cp_packed": (dict(cp=2), [0, 4, 9, 15, 22]), "cp_packed_at_split": (dict(cp=2), [0, 6, 11, 22]),
+          "tp_packed": (dict(tp=2), [0, 4, 9, 15, 22])}
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -89,16 +93,19 @@ def _train(model, config, dims=None, steps=range(STEPS), optimizer=None):
     return losses, optimizer
 
 
-def _parity(config, dims, length=T):
-    """Worst relative errors of logits, loss, aux loss and gradients against one process."""
+def _parity(config, dims, length=T, cu_seqlens=None):
+    """Worst relative errors of logits, loss, aux loss and gradients against one process (one row of
+    packed documents when `cu_seqlens` is given)."""
     from qwen3next.distributed import parallelize
 
     ref = _model(config)
     model = parallelize(copy.deepcopy(ref), dims, param_dtype=None, reduce_dtype=None)
     ids, labels = _batch(config, 0, length)
-    want = ref(ids, labels=labels)
+    if cu_seqlens is not None:
+        ids, labels, cu_seqlens = ids[:1], labels[:1], torch.tensor(cu_seqlens)
+    want = ref(ids, labels=labels, cu_seqlens=cu_seqlens)
     want.loss.backward()
-    got = model(dims.local_batch(ids), labels=dims.local_batch(labels))
+    got = model(dims.local_batch(ids), labels=dims.local_batch(labels), cu_seqlens=cu_seqlens)
     got.loss.backward()
     grads = dict(ref.named_parameters())
     top = max(p.grad.abs().max().item() for p in grads.values())
@@ -150,6 +157,8 @@ def _job_2(results, workdir):
 
     for name, layout in LAYOUTS_2.items():
         results[f"parity/{name}"] = _parity(_config(name), ParallelDims(**layout), T - 1 if name == "tp_mqa" else T)
+    for name, (layout, cu_seqlens) in PACKED.items():
+        results[f"parity/{name}"] = _parity(_config(), ParallelDims(**layout), cu_seqlens=cu_seqlens)
     results["cp_rule"] = _cp_rule_check(ParallelDims(cp=2))
     config = _config()
     results["curve/reference"] = _train(_model(config, dtype=CURVE_DTYPE), config)[0]
@@ -316,9 +325,10 @@ def _worst(ranks, key):
 
 
 # --------------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("name", LAYOUTS_2)
+@pytest.mark.parametrize("name", [*LAYOUTS_2, *PACKED])
 def test_one_dim_layout_matches_one_process(two, name):
-    """Logits, loss, aux loss and every gradient under tp / ep / cp / dp_shard equal one process."""
+    """Logits, loss, aux loss and every gradient under tp / ep / cp / dp_shard equal one process (also
+    on documents packed in a row, split by cp inside and at the start of a document)."""
     worst = _worst(two, f"parity/{name}")
     assert set(worst) == {"logits", "loss", "aux", "grads"}
     assert all(v <= TOL for v in worst.values()), worst

@@ -17,10 +17,10 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..config import LINEAR
 from . import comm
-from .context_parallel import CPRuntime, cp_attention_forward, cp_gated_deltanet_forward
+from .context_parallel import ContextParallelOps, CPRuntime, cp_attention_forward
 from .dims import ParallelConfigError, ParallelDims
 from .expert_parallel import EPRuntime, check_ep, expert_rules, moe_forward
-from .loss import global_mean, load_balancing_loss, vocab_parallel_cross_entropy
+from .loss import RoutingStats, global_sum, routing_statistics, vocab_parallel_cross_entropy
 from .tensor_parallel import (
     TPRuntime, check_tp, distribute_parameter, install_forward, local, local_views_forward, parallelize_embedding,
     parallelize_final_norm, parallelize_gated_attention, parallelize_gated_deltanet, parallelize_lm_head,
@@ -38,6 +38,30 @@ class Runtime:
     ep: EPRuntime
     cp: CPRuntime
     batch_group: object  # the group over which ranks see different tokens (dp_shard x cp), or None
+
+
+@dataclass
+class LossTerms:
+    """The sums over every rank's tokens behind one forward call's losses. Those of calls on disjoint
+    tokens add up and give the losses of all of them together (e.g. a training step's)."""
+
+    ce_sum: torch.Tensor  # next-token cross-entropy summed over the predicted tokens (differentiable)
+    targets: torch.Tensor  # how many tokens were predicted
+    routing: RoutingStats | None  # None without MoE layers
+
+    def __add__(self, other: "LossTerms") -> "LossTerms":
+        routing = None if self.routing is None else self.routing + other.routing
+        return LossTerms(self.ce_sum + other.ce_sum, self.targets + other.targets, routing)
+
+    def cross_entropy(self) -> torch.Tensor:
+        return self.ce_sum / self.targets
+
+
+@dataclass
+class ParallelCausalLMOutput(CausalLMOutput):
+    """`CausalLMOutput` plus, when labels are given, the loss's `LossTerms`."""
+
+    terms: LossTerms | None = None
 
 
 def check(config, dims: ParallelDims) -> None:
@@ -70,8 +94,10 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
     tp, ep, cp = rt.tp, rt.ep, rt.cp
     for layer in model.model.layers:
         mixer, prefix = (layer.linear_attn, "linear_attn.") if layer.layer_type == LINEAR else (layer.self_attn, "self_attn.")
-        if cp.size > 1:  # innermost: tensor parallelism wraps it
-            install_forward(mixer, cp_gated_deltanet_forward if layer.layer_type == LINEAR else cp_attention_forward, cp)
+        if cp.size > 1 and layer.layer_type == LINEAR:
+            mixer.ops = ContextParallelOps(cp)
+        elif cp.size > 1:  # innermost: tensor parallelism wraps it
+            install_forward(mixer, cp_attention_forward, cp)
         rules = {}  # the layer's DTensor parameters -> their local views, put in place for its forward
         if tp.size > 1:
             for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -129,28 +155,34 @@ def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None,
 
     `logits`: this rank's rows and sequence part; under tp, with labels (training) a DTensor sharded on
     the vocab (`.full_tensor()` gathers it), without labels the whole logits. `loss` and `aux_loss`: one process's values on the global
-    batch (every rank holds them). Under cp, labels are this rank's slice of the labels (cut like the
-    inputs); the next-token target across a slice boundary comes from the next rank.
+    batch (every rank holds them), and `terms` their sums (`LossTerms`). Under cp, labels are this
+    rank's slice of the labels (cut like the inputs); the next-token target across a slice boundary
+    comes from the next rank; packed documents are given by the whole row's `cu_seqlens` (B = 1).
     """
     config = model.config
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape
     tp, cp = rt.tp, rt.cp
+    whole = None if cu_seqlens is None else cu_seqlens.to(input_ids.device)  # the row's document offsets
+    ends = None if whole is None else whole[1:] - 1  # each document's last position in this part of the row
     if cp.size > 1:
-        if cache is not None or cu_seqlens is not None or position_ids is not None:
-            raise ValueError("context parallelism takes plain sequences: no cache, cu_seqlens or position_ids")
+        if cache is not None or position_ids is not None:
+            raise ValueError("context parallelism takes plain or packed sequences: no cache or position_ids")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("context parallelism does not support padding (attention_mask with zeros)")
         attention_mask = None
-        cp.sizes = comm.gather_sizes(T, cp.group)
+        sizes = comm.gather_sizes(T, cp.group)
         reach = config.linear_conv_kernel_dim - 1
-        if min(cp.sizes) < max(reach, 1):
+        if min(sizes) < max(reach, 1):
             raise ParallelConfigError(
-                f"context-parallel slices of {cp.sizes} tokens: each needs at least {max(reach, 1)} (the causal "
+                f"context-parallel slices of {sizes} tokens: each needs at least {max(reach, 1)} (the causal "
                 f"conv reads the previous {reach} tokens, kernel {config.linear_conv_kernel_dim}); use a longer "
                 "sequence or a smaller cp")
-        position_ids = (torch.arange(T, device=input_ids.device) + cp.offset)[None].expand(B, T)
+        cu_seqlens = cp.start(sizes, whole)  # this slice's own document offsets
+        pos = torch.arange(T, device=input_ids.device) + cp.offset
+        position_ids = (pos if whole is None else pos - whole[cp.documents[pos]])[None].expand(B, T)
+        ends = None if ends is None else ends - cp.offset
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"labels must match input_ids {tuple(input_ids.shape)}; got {tuple(labels.shape)}")
     if labels is not None and logits_to_keep:
@@ -164,20 +196,23 @@ def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None,
     logits = F.linear(hidden, local(head))
     vocab_start = shard_offset(head, 0) if isinstance(head, DTensor) else 0
 
-    aux_loss = None
+    aux_loss = routing = None
     token_groups = [rt.batch_group] + ([tp.group] if tp.sp else [])
     if router_logits:
         token_mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T :]
         if token_mask is not None and tp.sp:
             token_mask = token_mask.tensor_split(tp.size, dim=1)[tp.rank]
-        aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok,
-                                       None if token_mask is None else token_mask.reshape(-1), token_groups)
-    loss = None
+        routing = routing_statistics(router_logits, config.num_experts_per_tok,
+                                     None if token_mask is None else token_mask.reshape(-1), token_groups)
+        aux_loss = routing.loss()
+    loss = terms = None
     if labels is not None:
-        targets = _next_token_targets(labels, cu_seqlens, cp)
+        targets = _next_token_targets(labels, ends, cp)
         per_token = vocab_parallel_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                  vocab_start, tp.group)
-        loss = global_mean(per_token, targets != -100, [rt.batch_group])
+        count = (targets != -100).sum().to(per_token.dtype)
+        terms = LossTerms(global_sum(per_token.sum(), [rt.batch_group]), global_sum(count, [rt.batch_group]), routing)
+        loss = terms.cross_entropy()
         if aux_loss is not None:
             loss = loss + config.router_aux_loss_coef * aux_loss
     if tp.size > 1 and labels is not None:  # training: keep them sharded (a DTensor gathers on demand)
@@ -186,18 +221,19 @@ def causal_lm_forward(model, inner, rt: Runtime, input_ids, attention_mask=None,
                                     stride=torch.empty(shape, device="meta").stride())
     elif tp.size > 1:
         logits = comm.gather(logits, logits.dim() - 1, tp.vocab_sizes, tp.group)
-    return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=tuple(router_logits))
+    return ParallelCausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_logits=tuple(router_logits),
+                                  terms=terms)
 
 
-def _next_token_targets(labels, cu_seqlens, cp: CPRuntime):
+def _next_token_targets(labels, ends, cp: CPRuntime):
     """targets[t] = labels[t + 1] (-100 past the end; across a cp boundary: the next rank's first label;
-    with packed documents, a document's last token predicts nothing), as `model.causal_lm_loss`."""
+    with packed documents, a document's last token, at `ends` [N] in this part's positions, predicts
+    nothing), as `model.causal_lm_loss`."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     if cp.size > 1:
         firsts = comm.all_gather_raw(labels[:, :1].contiguous(), 1, [1] * cp.size, cp.group)  # [B, cp]
         if cp.rank < cp.size - 1:
             targets[:, -1] = firsts[:, cp.rank + 1]
-    if cu_seqlens is not None:
-        ends = cu_seqlens[1:].to(labels.device) - 1
-        targets[0, ends[ends >= 0]] = -100
+    if ends is not None:
+        targets[0, ends[(ends >= 0) & (ends < labels.shape[1])]] = -100
     return targets

@@ -13,14 +13,18 @@ backward reduce-scatters each rank's (M, B) gradient back to its owner.
 The causal conv needs the previous rank's last K-1 inputs; softmax attention all-gathers K/V (two KV
 heads in Qwen3-Next) and masks causally at the query's global offset.
 
+Packed documents (`cu_seqlens`, the whole row's offsets): a rank's slice may start inside a document
+or at its first token. Within the slice the ops run the documents apart as usual; only the slice's
+first document continues from the previous rank (state and conv inputs of that document alone), and
+a slice that holds a document start passes on M = 0 (what came before no longer matters). Attention
+masks causally within each document.
+
 Both layers keep their own forward: attention gets the gathered K/V through the cache interface
-(`append`); Gated DeltaNet looks its ops up in its module's `ops` name, which is swapped for the
-context-parallel ops during the call.
+(`append`); Gated DeltaNet calls its ops through its `ops` attribute, which `parallelize` sets to a
+`ContextParallelOps`.
 """
 
 from __future__ import annotations
-
-import sys
 
 import torch
 
@@ -29,17 +33,47 @@ from . import comm
 
 
 class CPRuntime:
-    """What the context-parallel ops need from the current forward call: the group and every rank's length."""
+    """What the context-parallel ops need from the current forward call: the group, every rank's length
+    and, for packed documents, the document of every position of the whole row."""
 
     def __init__(self, group):
         self.group = group
         self.size = comm.group_size(group)
         self.rank = comm.group_rank(group)
         self.sizes: list[int] = []  # every rank's sequence length in the current forward call
+        self.documents: torch.Tensor | None = None  # [sum(sizes)] document index per position, or None
 
     @property
     def offset(self) -> int:
         return sum(self.sizes[: self.rank])
+
+    def start(self, sizes: list[int], cu_seqlens: torch.Tensor | None) -> torch.Tensor | None:
+        """Set up a forward call: every rank's length, and the packed documents from the whole row's
+        offsets `cu_seqlens` [N+1] (or None). Returns this slice's own offsets [n+1] (or None)."""
+        self.sizes = sizes
+        if cu_seqlens is None:
+            self.documents = None
+            return None
+        total, lo, hi = sum(sizes), self.offset, self.offset + sizes[self.rank]
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+            raise ValueError(f"under context parallelism cu_seqlens are the offsets of the whole row (0 .. {total}; "
+                             f"every cp rank passes the same); got {cu_seqlens.tolist()}")
+        self.documents = torch.searchsorted(cu_seqlens[1:], torch.arange(total, device=cu_seqlens.device), right=True)
+        inner = cu_seqlens[(cu_seqlens > lo) & (cu_seqlens < hi)] - lo
+        return torch.cat([inner.new_zeros(1), inner, inner.new_full((1,), hi - lo)])
+
+    @property
+    def continues(self) -> bool:
+        """Whether this slice's first token continues the previous rank's document (packed documents)."""
+        if self.rank == 0:
+            return False
+        return self.documents is None or bool(self.documents[self.offset] == self.documents[self.offset - 1])
+
+    def tail_mask(self, n: int) -> torch.Tensor:
+        """[n] 1.0 where position offset - n + j lies in this slice's first document, else 0.0."""
+        pos = torch.arange(self.offset - n, self.offset, device=self.documents.device)
+        same = self.documents[pos.clamp(min=0)] == self.documents[self.offset]
+        return (same & (pos >= 0)).float()
 
 
 class _IncomingState(torch.autograd.Function):
@@ -84,25 +118,33 @@ def cp_gated_delta_rule(rule, cp: CPRuntime, q, k, v, g, beta, scale=None, initi
     """`rule`'s contract (see `ops.chunk_gated_delta_rule`) on this rank's segment of the sequence,
     run from the segment's true initial state. `initial_state` is the state before the whole
     sequence, read on the first rank only; the final state returned is the one after this rank's
-    segment (on the last rank: after the whole sequence)."""
-    if cu_seqlens is not None:
-        raise ValueError("packed sequences (cu_seqlens) cannot be split over context-parallel ranks")
+    segment (on the last rank: after the whole sequence). With packed documents, `cu_seqlens` are
+    this slice's offsets (`CPRuntime.start`); only its first document continues a previous rank's."""
     B, _, Hv, dv = v.shape
     dk = k.shape[-1]
+    if cu_seqlens is not None and initial_state is not None:
+        raise ValueError("context parallelism over packed documents starts every document from zero (no initial_state)")
+    n = B if cu_seqlens is None else len(cu_seqlens) - 1  # the sequences: rows, or this slice's documents
+    first = n if cu_seqlens is None else 1  # how many of them may continue from the previous rank
     state_dtype = torch.promote_types(v.dtype, torch.float32)  # the rule's state dtype
-    start = v.new_zeros(B, Hv, dk, dv, dtype=state_dtype)
+    start = v.new_zeros(n, Hv, dk, dv, dtype=state_dtype)
     if cp.rank == 0 and initial_state is not None:
         start = initial_state.to(state_dtype)
     # this segment's map (B | M), from one run on [v | 0] starting at [start | I]; the last rank's is
     # not needed, but computing it costs no time (the others compute theirs meanwhile) and keeps every
-    # rank's autograd graph, hence its order of collectives in the backward, the same
-    eye = torch.eye(dk, dtype=state_dtype, device=v.device).expand(B, Hv, dk, dk)
+    # rank's autograd graph, hence its order of collectives in the backward, the same. A sequence that
+    # does not continue (a later document, or a first one that starts here) starts from [0 | 0], M = 0.
+    carry = torch.zeros(n, 1, 1, 1, dtype=state_dtype, device=v.device)
+    carry[:first] = 1.0 if cp.continues or cp.rank == 0 else 0.0
+    eye = torch.eye(dk, dtype=state_dtype, device=v.device).expand(n, Hv, dk, dk) * carry
     _, affine = rule(q, k, torch.cat([v, v.new_zeros(B, v.shape[1], Hv, dk)], dim=-1), g, beta, scale=scale,
                      initial_state=torch.cat([start, eye], dim=-1), output_final_state=True,
-                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kw)
-    s_in = _IncomingState.apply(affine, start, cp.group)
-    return rule(q, k, v, g, beta, scale=scale, initial_state=s_in, output_final_state=output_final_state,
-                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kw)
+                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens, **kw)
+    # the map of the whole slice is that of the sequence reaching its end (its last document)
+    s_in = _IncomingState.apply(affine[n - first:], start[:first], cp.group) * carry[:first]
+    return rule(q, k, v, g, beta, scale=scale, initial_state=torch.cat([s_in, start[first:]]),
+                output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                cu_seqlens=cu_seqlens, **kw)
 
 
 class _PreviousTail(torch.autograd.Function):
@@ -128,19 +170,22 @@ class _PreviousTail(torch.autograd.Function):
 def cp_causal_conv1d(conv, cp: CPRuntime, x, weight, initial_state=None, output_final_state=False,
                      cu_seqlens=None, **kw):
     """`conv`'s contract (see `ops.causal_conv1d`) on this rank's segment: the first K-1 outputs read
-    the previous rank's last K-1 inputs. `initial_state` is read on the first rank only."""
-    if cu_seqlens is not None:
-        raise ValueError("packed sequences (cu_seqlens) cannot be split over context-parallel ranks")
+    the previous rank's last K-1 inputs (with packed documents: those of the slice's first document;
+    `cu_seqlens` are this slice's offsets). `initial_state` is read on the first rank only."""
+    if cu_seqlens is not None and initial_state is not None:
+        raise ValueError("context parallelism over packed documents starts every document from zero (no initial_state)")
     K = weight.shape[-1]
     tail = x[:, x.shape[1] - (K - 1):].transpose(1, 2)  # [B, C, K-1]: this rank's last inputs
     initial = x.new_zeros(tail.shape) if initial_state is None else initial_state.to(x.dtype)
     state = _PreviousTail.apply(tail, initial, cp.group)
-    return conv(x, weight, initial_state=state, output_final_state=output_final_state, **kw)
+    if cu_seqlens is not None:  # the slice's later documents start from zeros
+        state = torch.cat([state * cp.tail_mask(K - 1).to(x.dtype), state.new_zeros(len(cu_seqlens) - 2, *state.shape[1:])])
+    return conv(x, weight, initial_state=state, output_final_state=output_final_state, cu_seqlens=cu_seqlens, **kw)
 
 
-class _ContextParallelOps:
-    """`qwen3next.ops` as a Gated DeltaNet layer sees it under cp: the causal conv and the gated delta
-    rule replaced by their context-parallel forms, every other op the same."""
+class ContextParallelOps:
+    """`qwen3next.ops` as a Gated DeltaNet layer sees it under cp (its `ops` attribute): the causal conv
+    and the gated delta rule replaced by their context-parallel forms, every other op the same."""
 
     def __init__(self, cp: CPRuntime):
         self.cp = cp
@@ -161,20 +206,6 @@ class _ContextParallelOps:
         raise ValueError("context parallelism is for prefill and training; decode a sequence on one rank")
 
 
-def cp_gated_deltanet_forward(module, inner, cp: CPRuntime, x, token_mask=None, cache=None, cu_seqlens=None):
-    """The layer's own forward with its ops (looked up in its module's namespace) swapped for the
-    context-parallel ones for the duration of the call."""
-    if token_mask is not None or cache is not None or cu_seqlens is not None:
-        raise ValueError("context parallelism takes plain sequences: no padding mask, cache or cu_seqlens")
-    namespace = sys.modules[type(module).__module__].__dict__
-    saved = namespace["ops"]
-    namespace["ops"] = _ContextParallelOps(cp)
-    try:
-        return inner(x, token_mask, cache, cu_seqlens)
-    finally:
-        namespace["ops"] = saved
-
-
 class _GatheredKV:
     """Stands in for an attention layer's cache: `append` returns the whole sequence's keys and values."""
 
@@ -188,9 +219,13 @@ class _GatheredKV:
 
 def cp_attention_forward(module, inner, cp: CPRuntime, x, cos, sin, attn_mask=None, cache=None):
     """The layer's own forward for this rank's queries against all keys and values (all-gathered along
-    the sequence), causal at the queries' global positions."""
-    if attn_mask is not None or cache is not None:
+    the sequence), causal at the queries' global positions (and within each packed document: the
+    model's own `attn_mask` then describes this slice alone, and is replaced)."""
+    if cache is not None or (attn_mask is not None and cp.documents is None):
         raise ValueError("context parallelism takes plain causal sequences: no attention mask or cache")
     q_pos = torch.arange(x.shape[1], device=x.device) + cp.offset
     mask = q_pos[:, None] >= torch.arange(sum(cp.sizes), device=x.device)[None, :]
+    if cp.documents is not None:
+        documents = cp.documents.to(x.device)
+        mask = mask & (documents[q_pos][:, None] == documents[None, :])
     return inner(x, cos, sin, mask[None, None], _GatheredKV(cp))

@@ -9,6 +9,8 @@ back-propagates its own share and the parameter gradients add up over ranks to o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -32,33 +34,50 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vo
     return (sum_exp.log() - target_logit) * valid
 
 
-def global_mean(per_token: torch.Tensor, valid: torch.Tensor, groups) -> torch.Tensor:
-    """sum(per_token) / count(valid) over every rank of `groups` (the groups that split the tokens)."""
-    total, count = per_token.sum(), valid.sum().to(per_token.dtype)
+def global_sum(x: torch.Tensor, groups) -> torch.Tensor:
+    """x summed over every rank of `groups` (the groups that split the tokens); the backward is the
+    identity, so each rank back-propagates its own share."""
     for g in groups:
-        total = comm.all_reduce(total, g)
-        count = comm.all_reduce(count.detach(), g)
-    return total / count
+        x = comm.all_reduce(x, g)
+    return x
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None, groups):
-    """`ops.load_balancing_loss` over the union of the ranks' tokens: E * sum_e f_e * P_e with the
-    assignment counts, router-probability sums and token counts summed over `groups`.
-    router_logits: this rank's [N_r, E] per MoE layer; token_mask [N_r] or None."""
+@dataclass
+class RoutingStats:
+    """What the load-balancing loss needs of a set of tokens; statistics of disjoint sets add up.
+    layer_counts [L, E]: top-k assignments per MoE layer and expert; prob_sum [E]: router probabilities
+    summed over tokens and layers (differentiable); rows: tokens x layers."""
+
+    layer_counts: torch.Tensor
+    prob_sum: torch.Tensor
+    rows: torch.Tensor
+
+    def __add__(self, other: "RoutingStats") -> "RoutingStats":
+        return RoutingStats(self.layer_counts + other.layer_counts, self.prob_sum + other.prob_sum,
+                            self.rows + other.rows)
+
+    def loss(self) -> torch.Tensor:
+        """E * sum_e f_e * P_e, f_e and P_e pooled over the layers and tokens (`ops.load_balancing_loss`)."""
+        E = self.prob_sum.shape[0]
+        return E * torch.sum((self.layer_counts.sum(0) / self.rows) * (self.prob_sum / self.rows))
+
+
+def routing_statistics(router_logits: list[torch.Tensor], top_k: int, token_mask: torch.Tensor | None,
+                       groups) -> RoutingStats:
+    """The statistics of the union of the ranks' tokens (summed over `groups`). router_logits: this
+    rank's [N_r, E] per MoE layer; token_mask [N_r] (0: padding, left out) or None."""
     E = router_logits[0].shape[-1]
     mask = torch.ones(router_logits[0].shape[0], device=router_logits[0].device) if token_mask is None else token_mask.float()
-    counts = torch.zeros(E, device=mask.device)
-    prob_sum = torch.zeros(E, device=mask.device)
+    counts, prob_sum = [], torch.zeros(E, device=mask.device)
     for logits in router_logits:
         probs = F.softmax(logits.float(), dim=-1)
         ids = torch.topk(probs, top_k, dim=-1).indices
-        counts = counts.scatter_add(0, ids.reshape(-1), mask.repeat_interleave(top_k))
+        counts.append(torch.zeros(E, device=mask.device).scatter_add(0, ids.reshape(-1), mask.repeat_interleave(top_k)))
         prob_sum = prob_sum + (probs * mask[:, None]).sum(0)
     rows = mask.sum() * len(router_logits)
-    stats = torch.cat([counts, rows[None]])
+    stats = torch.cat([torch.stack(counts).flatten(), rows[None]])
     for g in groups:
         if comm.group_size(g) > 1:
             dist.all_reduce(stats, group=g)
-        prob_sum = comm.all_reduce(prob_sum, g)
-    counts, rows = stats[:E], stats[E]
-    return E * torch.sum((counts / rows) * (prob_sum / rows))
+    return RoutingStats(stats[:-1].view(len(router_logits), E), global_sum(prob_sum, groups), stats[-1])
+
