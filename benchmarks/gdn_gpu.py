@@ -1,7 +1,11 @@
 """Gated DeltaNet kernels on the GPU: first correctness in bf16 against the fp32 references, then timings
 of ours against fla 0.6.0 in the same process. Prints markdown tables; writes everything to $OUT/gdn_gpu.json.
 
-    python benchmarks/gdn_gpu.py [--quick]
+    python benchmarks/gdn_gpu.py [--quick] [--sweep]
+
+--sweep first times the chunked kernels' launch choices (`Tuning`: dv block, warps, pipelining depth, P from
+a parallel kernel or formed in the sequential ones, the backward kernel's block and warps) and then checks
+and times everything with the fastest.
 
 Checks (each output buffer region is poisoned with NaN before the run, so an unwritten element fails):
 chunked forward and all gradients (model shape and a varlen GVA case), recurrent decode, the state-pool
@@ -36,7 +40,7 @@ from qwen3next.ops.triton import norms as tnorms  # noqa: E402
 
 HK, HV, D = 16, 32, 128
 SHAPES = [(1, 4096), (1, 16384), (4, 8192), (8, 8192), (1, 65536)]
-RESULTS = {"checks": {}, "forward": {}, "fwd_bwd": {}, "decode": {}, "block_v": {}}
+RESULTS = {"checks": {}, "forward": {}, "fwd_bwd": {}, "decode": {}, "sweep": {}}
 FAILED = []
 
 
@@ -209,19 +213,77 @@ def time_chunk(fla_chunk, quick):
         torch.cuda.empty_cache()
 
 
+def sweep_part(spec):
+    """Time one group of launch choices (a child process of `sweep_tuning`: a choice that faults the GPU
+    loses only its group). spec: {"pass": "fwd" | "fwd+bwd", "shapes": [[B, T], ...], "choices": [Tuning
+    fields, ...]}. Prints `RESULT` and a JSON list of milliseconds, [choice][shape]."""
+    times = [[float("inf")] * len(spec["shapes"]) for _ in spec["choices"]]
+    for j, (B, T) in enumerate(spec["shapes"]):
+        if spec["pass"] == "fwd":
+            q, k, v, g, beta = gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=3)
+            layout = tgd._Layout(B, T, None, q.device)
+            ins = (q.view(B * T, HK, D), k.view(B * T, HK, D), v.view(B * T, HV, D), g.view(B * T, HV),
+                   beta.view(B * T, HV))
+        else:
+            q, k, v, g, beta = (x.requires_grad_() for x in gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=5))
+            do = torch.randn(B, T, HV, D, device="cuda", dtype=torch.bfloat16)
+        for i, fields in enumerate(spec["choices"]):
+            tgd.TUNING = tgd.Tuning(**fields)
+            if spec["pass"] == "fwd":
+                fn = lambda: tgd._chunk_forward(*ins, D ** -0.5, None, True, True, layout, False)  # noqa: E731
+            else:
+                def fn():
+                    o, _ = tgd.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
+                                                      use_qk_l2norm_in_kernel=True)
+                    torch.autograd.grad(o, (q, k, v, g, beta), do)
+            try:
+                times[i][j] = bench(fn)
+            except Exception as e:  # does not compile (e.g. shared memory): no result for this choice
+                print(f"{fields}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"{spec['pass']} {B}x{T} {fields}: {times[i][j]:.3f} ms", flush=True)
+    print("RESULT " + json.dumps(times), flush=True)
+
+
+def _sweep_group(spec):
+    import subprocess
+    proc = subprocess.run([sys.executable, __file__, "--sweep-part", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=300)
+    print(proc.stdout + proc.stderr[-2000:], flush=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return [[float("inf")] * len(spec["shapes"]) for _ in spec["choices"]]
+
+
 @section
-def time_block_v():
-    """The sequential forward kernel's dv block (more programs vs. less redundant work) at B=1 and B=8."""
-    for B, T in ((1, 65536), (8, 8192)):
-        q, k, v, g, beta = gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=3)
-        layout = tgd._Layout(B, T, None, q.device)
-        qp, kp, vp = q.view(B * T, HK, D), k.view(B * T, HK, D), v.view(B * T, HV, D)
-        gp, bp = g.view(B * T, HV), beta.view(B * T, HV)
-        for bv in (16, 32, 64):
-            ms = bench(lambda: tgd._chunk_forward(qp, kp, vp, gp, bp, D ** -0.5, None, True, True, layout, False,
-                                                  block_v=bv))
-            RESULTS["block_v"][f"{B}x{T} BV={bv}"] = ms
-            print(f"forward {B}x{T} BV={bv}: {ms:.3f} ms", flush=True)
+def sweep_tuning():
+    """Launch choices of the chunked kernels (`tgd.Tuning`): every forward choice at 1 x 16384 and 1 x 65536,
+    one child process per pipelining depth; the best four also at 8 x 8192; then the backward kernel's
+    choices under the best forward one, by forward+backward time at 1 x 16384 and 8 x 8192. Sets `tgd.TUNING`
+    to the winner for the checks and timings after."""
+    import itertools
+    fwd = {}
+    for st in (1, 2, 3, 4):
+        choices = [dict(block_v=bv, warps=w, stages=st, pre_scores=ps)
+                   for ps, w, bv in itertools.product((False, True), (4, 8), (16, 32, 64))]
+        for c, t in zip(choices, _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536]],
+                                               "choices": choices})):
+            fwd[json.dumps(c)] = t
+    top = sorted(fwd, key=lambda c: sum(fwd[c]))[:4]
+    for c, t in zip(top, _sweep_group({"pass": "fwd", "shapes": [[8, 8192]], "choices": [json.loads(c) for c in top]})):
+        fwd[c] = fwd[c] + t
+    best = json.loads(min(top, key=lambda c: sum(fwd[c])))
+    RESULTS["sweep"]["forward"] = fwd
+    bwd_choices = [dict(best, bwd_block_v=bbv, bwd_warps=bw) for bbv, bw in itertools.product((32, 64), (4, 8))]
+    both = _sweep_group({"pass": "fwd+bwd", "shapes": [[1, 16384], [8, 8192]], "choices": bwd_choices})
+    RESULTS["sweep"]["fwd+bwd"] = {json.dumps(c): t for c, t in zip(bwd_choices, both)}
+    chosen = min(zip(bwd_choices, both), key=lambda ct: sum(ct[1]))[0]
+    tgd.TUNING = tgd.Tuning(**chosen)
+    RESULTS["tuning"] = str(tgd.TUNING)
+    print("forward sweep (ms at 1x16384, 1x65536[, 8x8192]), fastest first:")
+    for c in sorted(fwd, key=lambda c: sum(fwd[c][:2]))[:12]:
+        print(f"  {c}: " + ", ".join(f"{t:.3f}" for t in fwd[c]))
+    print(f"chosen: {tgd.TUNING}", flush=True)
 
 
 @section
@@ -251,8 +313,13 @@ def time_decode(fla_recurrent):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two shapes only")
+    parser.add_argument("--sweep-part", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep", action="store_true", help="first sweep the kernels' launch choices and time "
+                        "everything after with the fastest")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.sweep_part:
+        return sweep_part(json.loads(args.sweep_part))
     try:
         import fla
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
@@ -266,20 +333,21 @@ def main():
                       "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version}
     print(RESULTS["env"], flush=True)
 
+    time_copy()
+    if args.sweep:
+        sweep_tuning()
     check_chunk(1, 2048, HK, HV, tag="model shape")
     check_chunk(1, 1000, 2, 4, cu=torch.tensor([0, 1, 300, 300, 1000], device="cuda", dtype=torch.int32),
                 tag="varlen")
     check_chunk(3, 193, 4, 4, tag="GVA 1")
     check_decode()
     check_conv_norms()
-    time_copy()
     time_chunk(fla_chunk, args.quick)
-    time_block_v()
     time_decode(fla_recurrent)
 
     env = RESULTS["env"]
     print(f"\n{env['device']}, {env['date']}, torch {env['torch']}, triton {env['triton']}, fla {env['fla']}; "
-          f"Hk={HK}, Hv={HV}, d={D}, bf16, q/k L2 norm in kernel, final state out")
+          f"Hk={HK}, Hv={HV}, d={D}, bf16, q/k L2 norm in kernel, final state out; {tgd.TUNING}")
     print("| B x T | fla fwd ms | ours fwd ms | ours/fla | ours fwd+bwd ms | fwd+bwd / fwd |")
     print("|---|---|---|---|---|---|")
     for key, row in RESULTS["forward"].items():

@@ -87,6 +87,15 @@ def test_chunk_gated_delta_rule_varlen(r):
     check_chunk(192, HK=1, r=r, l2norm=True, cu_seqlens=cu, seed=r)
 
 
+@pytest.mark.parametrize("tuning", [tgd.Tuning(pre_scores=True, stages=2, block_v=16, bwd_block_v=16, warps=8),
+                                    tgd.Tuning(pre_scores=False, stages=3, bwd_warps=4)])
+def test_chunk_launch_choices_give_the_same_results(monkeypatch, tuning):
+    """Every launch choice that the GPU benchmark sweeps (benchmarks/gdn_gpu.py --sweep) is exact too."""
+    monkeypatch.setattr(tgd, "TUNING", tuning)
+    cu = torch.tensor([0, 65, 66, 130], dtype=torch.int32, device=DEVICE)
+    check_chunk(130, HK=1, r=2, l2norm=True, cu_seqlens=cu, DV=32, seed=4)
+
+
 def test_chunk_without_state_and_gradients_of_inputs_only():
     q, k, v, g, beta = gdn_inputs(70, 1, 1, 16, 16, 1, True, seed=3)
     o, s = tgd.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)

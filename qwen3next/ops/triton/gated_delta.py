@@ -14,6 +14,9 @@ Kernels:
   1. `_chunk_inverse_kernel`, parallel over chunks x value heads: T of every chunk, by forward
      substitution on the four 16x16 diagonal blocks and block products for the rest. Writes only T
      (64 numbers per token and head, in the input dtype).
+  1b. `_chunk_scores_kernel`, parallel like kernel 1: P of every chunk, when few sequences leave the
+     sequential kernels latency-bound (B = 1: one program per multiprocessor); it takes the largest
+     product off their per-chunk path (1.45 vs 1.62 ms at 1 x 16384 on an H100; slower at 8 x 8192).
   2. `_chunk_fwd_kernel`, sequential over a sequence's chunks, parallel over sequences x value heads x
      dv blocks (the columns of S evolve independently, so splitting dv gives B = 1 enough programs).
      Holds S in registers and writes o directly: where fla writes w, u, v_new and every chunk's state to
@@ -35,6 +38,8 @@ and writes them back in place.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -258,15 +263,40 @@ def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
     _store_block(tinv, t0, eos, hv, HV, 3, 3, t33)
 
 
+@triton.jit
+def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale,
+                         HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
+                         L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """P of every chunk (parallel over chunks x value heads): P_ij = exp(c_i - c_j) q_i.k_j for j <= i, with
+    q, k normalised and q scaled; written [tokens, Hv, 64] in the input dtype, like T."""
+    cid, hv = tl.program_id(0), tl.program_id(1)
+    hk = hv // (HV // HK)
+    n = tl.load(chunk_seq + cid)
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    L = (eos - bos).to(tl.int32)
+    r0 = tl.load(chunk_pos + cid) * 64
+    rt = tl.arange(0, 64)
+    t = bos + r0 + rt
+    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    c = tl.cumsum(tl.load(g + t * HV + hv, mask=t < eos, other=0.0).to(tl.float32), 0)
+    s = tl.dot(qd, tl.trans(kd), input_precision=PREC) \
+        * ((_row_factor(qd, L2NORM) * scale)[:, None] * _row_factor(kd, L2NORM)[None, :]) \
+        * _decay_matrix(c, rt[:, None] >= rt[None, :])
+    _tile_store(p, bos, L, hv, HV, 64, r0, 0, 64, 64, s)
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. forward: sequential over chunks, S in registers
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scale,
+def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off, scale,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
-                      STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, PREC: tl.constexpr):
+                      STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, PRE_P: tl.constexpr,
+                      PREC: tl.constexpr):
     iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = hv // (HV // HK)
     bos = tl.load(cu + n).to(tl.int64)
@@ -297,8 +327,11 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scal
         sd = S.to(dt)
         ks = tl.dot(kd, sd, input_precision=PREC)
         df = tl.dot(tb, (bb[:, None] * (vb - (gam * fk)[:, None] * ks)).to(dt), input_precision=PREC)
-        p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
-            * _decay_matrix(c, rt[:, None] >= rt[None, :])
+        if PRE_P:
+            p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        else:
+            p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+                * _decay_matrix(c, rt[:, None] >= rt[None, :])
         ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
             + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
         _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
@@ -313,10 +346,10 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, h0, o, ht, hs, cu, chunk_off, scal
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_state_kernel(q, k, g, beta, tinv, do, dht, dh0, dhs, cu, chunk_off, scale,
+def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, chunk_off, scale,
                             HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_DHT: tl.constexpr,
-                            STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+                            STORE_DH0: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr):
     iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = hv // (HV // HK)
     bos = tl.load(cu + n).to(tl.int64)
@@ -345,8 +378,11 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, do, dht, dh0, dhs, cu, chunk_of
         tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
         dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
         gam = tl.exp(c)
-        p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
-            * _decay_matrix(c, rt[:, None] >= rt[None, :])
+        if PRE_P:
+            p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        else:
+            p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+                * _decay_matrix(c, rt[:, None] >= rt[None, :])
         dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
             + (tl.exp(c_last - c) * fk)[:, None] * tl.dot(kd, dS.to(dt), input_precision=PREC)
         y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
@@ -517,10 +553,35 @@ def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16), wav
     return min(choices[-1], triton.next_power_of_2(DV))
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """Launch choices of the chunked kernels; `benchmarks/gdn_gpu.py --sweep` times the alternatives.
+    Defaults: the fastest on an H100 (BENCHMARKS.md). Pipelining depth 1 faults the GPU (illegal memory
+    access) with Triton 3.6 on an H100, so the sweep starts at 2."""
+    block_v: int | None = None       # dv block of the sequential kernels (None: `_block_v`)
+    warps: int = 4                   # warps of the sequential kernels
+    stages: int = 3                  # Triton's software-pipelining depth for their chunk loops
+    pre_scores: bool | None = None   # P by a parallel kernel, read by the sequential ones, instead of formed
+    #                                  in every dv block's step. None: when the sequential kernels have fewer
+    #                                  than two programs per multiprocessor (latency-bound, e.g. B = 1)
+    bwd_block_v: int = 32            # dv block of the parallel backward kernel's loop
+    bwd_warps: int = 8
+
+
+TUNING = Tuning()
+
+
 class _Layout:
     """Where the sequences and 64-step chunks lie in the packed token row."""
 
     def __init__(self, B: int, T: int, cu_seqlens, device):
+        if cu_seqlens is None:  # B sequences of T: built on the device, no host round trip before the launches
+            nc = -(-T // CHUNK)
+            rows = torch.arange(B + 1, device=device, dtype=torch.int32)
+            chunks = torch.arange(B * nc, device=device, dtype=torch.int32)
+            self.N, self.NC, self.cu, self.chunk_off = B, B * nc, rows * T, rows * nc
+            self.chunk_seq, self.chunk_pos = chunks // max(nc, 1), chunks % max(nc, 1)
+            return
         self.cu, offsets = sequence_offsets(B, T, cu_seqlens, device)
         self.N = len(offsets) - 1
         self.chunk_seq, self.chunk_pos, self.NC = block_table(offsets, CHUNK, False, device)
@@ -531,9 +592,10 @@ class _Layout:
         self.chunk_off = torch.tensor(starts, dtype=torch.int32, device=device)
 
 
-def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, block_v=None):
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, tuning=None):
     """Kernels 1 and 2 on packed, contiguous inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv], g, beta
-    [tokens, Hv] fp32. Returns (o, final state or None, T, chunk-start states or None)."""
+    [tokens, Hv] fp32. Returns (o, final state or None, T, P or None, chunk-start states or None)."""
+    tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
     BK = max(16, triton.next_power_of_2(DK))
@@ -543,31 +605,43 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
         _chunk_inverse_kernel[(layout.NC, HV)](k, g, beta, tinv, layout.cu, layout.chunk_seq, layout.chunk_pos,
                                                HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
                                                num_warps=4)
+    BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
+    pre_scores = tuning.pre_scores
+    if pre_scores is None:
+        pre_scores = layout.N * HV * triton.cdiv(DV, BV) < 2 * num_sms(q.device)
+    pmat = None
+    if pre_scores:
+        pmat = torch.empty_like(tinv)
+        if layout.NC:
+            _chunk_scores_kernel[(layout.NC, HV)](q, k, g, pmat, layout.cu, layout.chunk_seq, layout.chunk_pos, scale,
+                                                  HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec, num_warps=4)
     o = torch.empty_like(v)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NC, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
-    BV = block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
-        q, k, v, g, beta, tinv, h0 if h0 is not None else o, o, ht if ht is not None else o,
-        hs if hs is not None else o, layout.cu, layout.chunk_off, scale,
+        q, k, v, g, beta, tinv, pmat if pmat is not None else tinv, h0 if h0 is not None else o, o,
+        ht if ht is not None else o, hs if hs is not None else o, layout.cu, layout.chunk_off, scale,
         HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
-        STORE_HT=output_final_state, STORE_HS=save_states, PREC=prec, num_warps=4)
-    return o, ht, tinv, hs
+        STORE_HT=output_final_state, STORE_HS=save_states, PRE_P=pmat is not None, PREC=prec,
+        num_warps=tuning.warps, num_stages=tuning.stages)
+    return o, ht, tinv, pmat, hs
 
 
-def _chunk_backward(q, k, v, g, beta, tinv, hs, do, dht, scale, l2norm, layout, want_dh0):
+def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, layout, want_dh0, tuning=None):
     """Kernels 3 and 4. Returns (dq, dk in fp32 per key head, dv, dg fp32, dbeta fp32, dh0 or None)."""
+    tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
     BK = max(16, triton.next_power_of_2(DK))
     prec = _precision(q.dtype)
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if want_dh0 else None
-    BV = _block_v(layout.N * HV, DV, q.device)
+    BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
-        q, k, g, beta, tinv, do, dht if dht is not None else do, dh0 if dh0 is not None else do, dhs,
-        layout.cu, layout.chunk_off, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
-        HAS_DHT=dht is not None, STORE_DH0=want_dh0, PREC=prec, num_warps=4)
+        q, k, g, beta, tinv, pmat if pmat is not None else tinv, do, dht if dht is not None else do,
+        dh0 if dh0 is not None else do, dhs, layout.cu, layout.chunk_off, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+        BV=BV, L2NORM=l2norm, HAS_DHT=dht is not None, STORE_DH0=want_dh0, PRE_P=pmat is not None,
+        PREC=prec, num_warps=tuning.warps, num_stages=tuning.stages)
     dq = torch.empty(n_tok, HV, DK, dtype=torch.float32, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(v)
@@ -576,8 +650,9 @@ def _chunk_backward(q, k, v, g, beta, tinv, hs, do, dht, scale, l2norm, layout, 
     if layout.NC:
         _chunk_bwd_kernel[(layout.NC, HV)](
             q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.chunk_seq,
-            layout.chunk_pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=min(64, triton.next_power_of_2(DV)),
-            L2NORM=l2norm, PREC=prec, num_warps=8)
+            layout.chunk_pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+            BV=min(tuning.bwd_block_v, triton.next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
+            num_warps=tuning.bwd_warps)
     r = HV // HK
     if r > 1:  # value heads of a group share their key head
         dq, dk = dq.view(n_tok, HK, r, DK).sum(2), dk.view(n_tok, HK, r, DK).sum(2)
@@ -599,10 +674,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         bp = beta.float().contiguous().view(B * T, HV)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         training = any(ctx.needs_input_grad)
-        o, ht, tinv, hs = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
-                                         save_states=training)
+        o, ht, tinv, pmat, hs = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
+                                               save_states=training)
         if training:
-            ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, hs)
+            ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, pmat, hs)
             ctx.layout, ctx.scale, ctx.l2norm = layout, scale, l2norm
             ctx.shapes = (q.shape, v.shape, g.dtype, beta.dtype,
                           initial_state.dtype if initial_state is not None else None)
@@ -610,11 +685,11 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qp, kp, vp, gp, bp, tinv, hs = ctx.saved_tensors
+        qp, kp, vp, gp, bp, tinv, pmat, hs = ctx.saved_tensors
         q_shape, v_shape, g_dtype, beta_dtype, h0_dtype = ctx.shapes
         dop = do.contiguous().view(vp.shape)
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(
-            qp, kp, vp, gp, bp, tinv, hs, dop, dht.float().contiguous() if dht is not None else None,
+            qp, kp, vp, gp, bp, tinv, pmat, hs, dop, dht.float().contiguous() if dht is not None else None,
             ctx.scale, ctx.l2norm, ctx.layout, want_dh0=h0_dtype is not None)
         return (dq.to(qp.dtype).view(q_shape), dk.to(kp.dtype).view(q_shape), dv.view(v_shape),
                 dg.to(g_dtype).view(v_shape[:3]), dbeta.to(beta_dtype).view(v_shape[:3]),
