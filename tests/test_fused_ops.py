@@ -81,6 +81,20 @@ def test_add_rms_norm_kernel(dtype, shape):
                           * (1 + w.double()), rtol=_tol(dtype), atol=_tol(dtype))
 
 
+def test_add_rms_norm_mixed_dtypes_promote_like_torch():
+    """Under autocast a bf16 mixer output meets the fp32 residual stream: the sum stays fp32, as x + h does."""
+    fused = _triton()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=g).to(DEVICE)
+    h = torch.randn(5, 96, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(96, generator=g) * 0.1).to(DEVICE)
+    for a, b in ((x, h), (h, x)):
+        s, y = fused.add_rms_norm(a, b, w, 1e-6)
+        s_ref, y_ref = add_rms_norm_ref(a, b, w, 1e-6)
+        assert s.dtype == y.dtype == torch.float32 and torch.equal(s, s_ref) and torch.equal(s, a + b)
+        assert rel_err(y, y_ref) <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,bcast,residual", [((2, 3, 96), False, False), ((5, 2048), True, True),
                                                   ((1, 1, 33), False, True), ((7, 1), True, False)])
@@ -113,7 +127,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="ba must be"):
         fused.gdn_gates(ba[..., :-1], A_log, dt_bias, 2)
     x = torch.randn(2, 4, device=DEVICE)
-    with pytest.raises(ValueError, match="one shape and dtype"):
+    with pytest.raises(ValueError, match="one shape"):
         fused.add_rms_norm(x, x[:1], torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="gate must be like x"):
         fused.sigmoid_gate(x, torch.randn(2, 3, device=DEVICE))

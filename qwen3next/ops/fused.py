@@ -43,7 +43,8 @@ def gdn_gates_ref(ba, A_log, dt_bias, num_k_heads: int, clip_val: float | None =
 
 
 def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
-    """(s, rms_norm(s)) with s = x + residual in x's dtype; x, residual [..., D], weight [D]."""
+    """(s, rms_norm(s)) with s = x + residual in torch's promoted dtype (a bf16 mixer output added to an
+    fp32 residual stream under autocast stays fp32); x, residual [..., D], weight [D]."""
     s = x + residual
     return s, rms_norm_ref(s, weight, eps)
 

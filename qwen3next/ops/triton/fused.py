@@ -88,14 +88,15 @@ def _add_rms_norm_kernel(x, res, w, s, y, n_rows, D, eps, BLOCK_D: tl.constexpr,
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     """Triton `add_rms_norm_ref`: (x + residual, rms_norm(x + residual)) in one pass."""
-    if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (x.shape[-1],):
-        raise ValueError(f"need x and residual of one shape and dtype and weight [D]; got {tuple(x.shape)} "
-                         f"{x.dtype}, {tuple(residual.shape)} {residual.dtype}, {tuple(weight.shape)}")
+    if residual.shape != x.shape or weight.shape != (x.shape[-1],):
+        raise ValueError(f"need x and residual of one shape and weight [D]; got {tuple(x.shape)}, "
+                         f"{tuple(residual.shape)}, {tuple(weight.shape)}")
     if _reference_needed(x, residual, weight):
         return add_rms_norm_ref(x, residual, weight, eps)
     D = x.shape[-1]
     xr, rr = x.contiguous().view(-1, D), residual.contiguous().view(-1, D)
-    s, y = torch.empty_like(xr), torch.empty_like(xr)
+    s = torch.empty(xr.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    y = torch.empty_like(s)
     block_d, per = _row_block(D)
     if xr.shape[0]:
         _add_rms_norm_kernel[(triton.cdiv(xr.shape[0], per),)](
