@@ -263,7 +263,7 @@ def sweep_tuning():
     to the winner for the checks and timings after."""
     import itertools
     fwd = {}
-    for st in (1, 2, 3, 4):
+    for st in (2, 3, 4):  # depth 1 faults the GPU (Tuning's docstring)
         choices = [dict(block_v=bv, warps=w, stages=st, pre_scores=ps)
                    for ps, w, bv in itertools.product((False, True), (4, 8), (16, 32, 64))]
         for c, t in zip(choices, _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536]],
