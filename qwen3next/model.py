@@ -20,6 +20,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import ops
 from .config import FULL, LINEAR, Qwen3NextConfig
+from .ops.packing import PaddedLayout
 
 
 @dataclass
@@ -235,16 +236,23 @@ class GatedAttention(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
         """x [B, T, D]; cos/sin [B, T, r]; attn_mask: bool [B, 1, T, S] (True = attend), a
-        `torch.nn.attention.bias.CausalBias` (causal, aligned to the last key) or None for plain causal;
+        `torch.nn.attention.bias.CausalBias` (causal, aligned to the last key), a `PaddedLayout` of the
+        sequences packed in a row (B = 1: causal within each) or None for plain causal;
         cache: this layer's `AttentionLayerCache` or None. S = cached length + T."""
         T = x.shape[1]
         query, key, value, gate = self.project(x, cos, sin)
         if cache is not None:
             key, value = cache.append(key, value)
+        packed = attn_mask if isinstance(attn_mask, PaddedLayout) else None
+        if packed is not None:  # the sequences as rows of a padded batch, plain causal: no [T, T] mask
+            query, key, value = (packed.pad(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))
+            attn_mask = None
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim**-0.5, enable_gqa=True,
         )
+        if packed is not None:
+            out = packed.unpad(out.transpose(1, 2)).transpose(1, 2)
         return self.output(out, gate)
 
     def decode_step(self, x, cos, sin, cache, slot, key_mask):
@@ -377,7 +385,7 @@ class _ForwardContext:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    attn_mask: torch.Tensor | None  # bool [B, 1, T, S] or None (plain causal)
+    attn_mask: torch.Tensor | PaddedLayout | None  # bool [B, 1, T, S], packed sequences or None (plain causal)
     token_mask: torch.Tensor | None  # [B, T] float, None when there is no padding
     cu_seqlens: torch.Tensor | None
 
@@ -432,9 +440,10 @@ class Qwen3NextModel(nn.Module):
         return self.norm(x)
 
     def _positions_and_masks(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
-        """Positions [B, T], the attention mask (bool [B, 1, T, S] or None), the token mask for the linear
-        layers ([B, T] or None) and the packing offsets, for this call. Positions count the real tokens before each token (so left
-        padding does not shift them) and restart at every packed sequence."""
+        """Positions [B, T], the attention mask (bool [B, 1, T, S], a `PaddedLayout` of packed sequences or
+        None), the token mask for the linear layers ([B, T] or None) and the packing offsets, for this call.
+        Positions count the real tokens before each token (so left padding does not shift them) and
+        restart at every packed sequence."""
         S = past + T
         if attention_mask is not None:
             if attention_mask.shape != (B, S):
@@ -462,17 +471,16 @@ class Qwen3NextModel(nn.Module):
             raise ValueError(f"position_ids must have {T} positions, got shape {tuple(position_ids.shape)}")
 
         attn_mask = None
-        if attention_mask is None and cu_seqlens is None and past and T > 1 and device.type == "cuda":
+        if cu_seqlens is not None:  # attention runs the sequences as a padded batch: no [T, T] mask
+            attn_mask = PaddedLayout.from_offsets(cu_seqlens)
+        elif attention_mask is None and past and T > 1 and device.type == "cuda":
             # a chunk continuing a cache: causal aligned to the last key, which flash attention runs
             # without materialising a [T, S] mask
             attn_mask = causal_lower_right(T, S)
-        elif attention_mask is not None or cu_seqlens is not None or (past and T > 1):
+        elif attention_mask is not None or (past and T > 1):
             q_pos = torch.arange(past, S, device=device)
             allowed = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # causal [T, S]
             allowed = allowed[None].expand(B, T, S)
-            if cu_seqlens is not None:
-                doc = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=device), right=True)
-                allowed = allowed & (doc[:, None] == doc[None, :])[None]
             if attention_mask is not None:
                 # a padding query would see no key at all: let it see itself (its output is never used)
                 allowed = allowed & (attention_mask[:, None, :] | (q_pos[:, None] == torch.arange(S, device=device))[None])

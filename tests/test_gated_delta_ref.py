@@ -38,6 +38,11 @@ def _inputs(B, T, Hk, Hv, dk, dv, dtype=torch.float32):
     return q, k, v, g, beta, h0
 
 
+def leaves(*tensors):
+    """Fresh leaf copies (None stays None), to compare gradients of two computations."""
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+
+
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
 @pytest.mark.parametrize("Hk,Hv", [(2, 2), (2, 4)])
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
@@ -66,16 +71,28 @@ def test_chunk_equals_recurrent_with_gradients(seeded):
 
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 def test_varlen_equals_each_sequence_alone(form, seeded):
+    """Outputs, final states and gradients, with sequences of one token, empty, one chunk and odd lengths."""
     fn = ops.chunk_gated_delta_rule_ref if form == "chunk" else ops.recurrent_gated_delta_rule_ref
-    lengths = [1, 64, 70, 3]
-    cu = torch.tensor([0, 1, 65, 135, 138])
-    q, k, v, g, beta, _ = _inputs(1, 138, 2, 4, 16, 8)
-    h0 = torch.randn(len(lengths), 4, 16, 8)
-    o, S = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    lengths = [1, 64, 0, 70, 3]
+    cu = torch.tensor([0, 1, 65, 65, 135, 138])
+    inputs = [*_inputs(1, 138, 2, 4, 16, 8)[:5], torch.randn(len(lengths), 4, 16, 8)]
+    packed = leaves(*inputs)
+    o, S = fn(*packed[:5], initial_state=packed[5], output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    (o.pow(2).sum() + S.pow(2).sum()).backward()
+    alone = leaves(*inputs)
+    loss = 0
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o1, S1 = fn(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e], initial_state=h0[n : n + 1],
-                    output_final_state=True, use_qk_l2norm_in_kernel=True)
+        if s == e:  # nothing to run: the state passes through
+            assert torch.equal(S[n], inputs[5][n])
+            loss = loss + alone[5][n].pow(2).sum()
+            continue
+        o1, S1 = fn(*(x[:, s:e] for x in alone[:5]), initial_state=alone[5][n : n + 1], output_final_state=True,
+                    use_qk_l2norm_in_kernel=True)
         assert rel_err(o[:, s:e], o1) < 1e-5 and rel_err(S[n], S1[0]) < 1e-5
+        loss = loss + o1.pow(2).sum() + S1.pow(2).sum()
+    loss.backward()
+    for a, b in zip(packed, alone):
+        assert rel_err(a.grad, b.grad) < 1e-5
 
 
 def test_output_dtype_follows_v(seeded):
@@ -112,12 +129,41 @@ def test_conv_state_continues_the_sequence(seeded):
     assert rel_err(y3, manual) < 1e-6
 
 
-def test_conv_varlen_with_an_empty_sequence(seeded):
-    x, w, h0 = torch.randn(1, 7, 6), torch.randn(6, 4), torch.randn(3, 6, 3)
-    y, state = ops.causal_conv1d_ref(x, w, initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor([0, 3, 3, 7]))
-    assert torch.equal(state[1], h0[1])
-    y2, _ = ops.causal_conv1d_ref(x[:, 3:], w, initial_state=h0[2:], output_final_state=True)
-    assert rel_err(y[:, 3:], y2) < 1e-6
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_varlen_equals_each_sequence_alone(with_state, seeded):
+    """Packed: outputs, final states and gradients equal each sequence run alone, with sequences shorter
+    than the window (K = 4), empty and of one token."""
+    lengths = [5, 0, 1, 3, 2, 9, 0]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    x, w = torch.randn(1, sum(lengths), 6), torch.randn(6, 4)
+    h0 = torch.randn(len(lengths), 6, 3) if with_state else None
+    xp, wp, hp = leaves(x, w, h0)
+    y, state = ops.causal_conv1d_ref(xp, wp, initial_state=hp, output_final_state=True, cu_seqlens=cu)
+    (y.pow(2).sum() + state.pow(3).sum()).backward()
+    xs, ws, hs = leaves(x, w, h0)
+    loss = 0
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        y1, s1 = ops.causal_conv1d_ref(xs[:, s:e], ws, None if hs is None else hs[n : n + 1], True)
+        assert (e == s or rel_err(y[:, s:e], y1) < 1e-6) and rel_err(state[n], s1[0]) < 1e-6
+        loss = loss + y1.pow(2).sum() + s1.pow(3).sum()
+    loss.backward()
+    for a, b in zip((xp, wp, hp), (xs, ws, hs)):
+        assert b is None or rel_err(a.grad, b.grad) < 1e-6
+
+
+def test_padded_layout_round_trip():
+    from qwen3next.ops.packing import PaddedLayout
+
+    lengths = [3, 0, 1, 5, 0]
+    layout = PaddedLayout.from_offsets(torch.tensor([0, 3, 3, 4, 9, 9]))
+    x = torch.arange(9.0)[None, :, None] * torch.ones(1, 9, 2)
+    padded = layout.pad(x)
+    assert padded.shape == (5, 5, 2) and layout.valid.sum(1).tolist() == lengths
+    starts = [0, 3, 3, 4, 9]
+    for n, L in enumerate(lengths):
+        assert padded[n, :L, 0].tolist() == list(range(starts[n], starts[n] + L))
+    assert torch.equal(layout.unpad(padded), x)
+    assert PaddedLayout.from_offsets(torch.tensor([0, 0])).pad(x[:, :0]).shape == (1, 1, 2)
 
 
 def test_norms_follow_their_formulas(seeded):

@@ -25,27 +25,41 @@ def causal_conv1d_ref(
     `cu_seqlens`, which packs N sequences in a row of B = 1 as offsets [N+1]). Returns y [B, T, C] in
     x.dtype and, if asked, the final state [N, C, K-1].
     """
-    if cu_seqlens is not None:
-        outs, states = [], []
-        for n in range(len(cu_seqlens) - 1):
-            s, e = int(cu_seqlens[n]), int(cu_seqlens[n + 1])
-            init = None if initial_state is None else initial_state[n : n + 1]
-            y, st = causal_conv1d_ref(x[:, s:e], weight, init, output_final_state, None, activation)
-            outs.append(y)
-            states.append(st)
-        return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
     B, T, C = x.shape
     K = weight.shape[-1]
-    if initial_state is None:
-        initial_state = x.new_zeros(B, C, K - 1)
-    xt = torch.cat([initial_state.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-    if T == 0:  # an empty sequence (possible in a varlen pack): no output, the state passes through
-        return x.new_zeros(B, 0, C), (xt if output_final_state else None)
-    y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), groups=C)  # [B, C, T]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    init = x.new_zeros(N, C, K - 1) if initial_state is None else initial_state.to(x.dtype)
+    if T == 0:  # no output; the state passes through
+        return x.new_zeros(B, 0, C), (init if output_final_state else None)
+    if cu_seqlens is None:
+        xt = torch.cat([init, x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]: each row after its initial inputs
+        y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), groups=C)  # [B, C, T]
+        final = xt[:, :, xt.shape[-1] - (K - 1) :] if output_final_state else None
+    else:
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs sequences into one row: batch size must be 1, got {B}")
+        xt, token_columns, state_columns = _after_initial_inputs(x, init, cu_seqlens)
+        y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), groups=C).index_select(-1, token_columns)
+        final = xt[0][:, state_columns].transpose(0, 1) if output_final_state else None  # [N, C, K-1]
     if activation == "silu":
         y = F.silu(y)
-    final = xt[:, :, xt.shape[-1] - (K - 1) :] if output_final_state else None
     return y.transpose(1, 2).to(x.dtype), final
+
+
+def _after_initial_inputs(x: torch.Tensor, init: torch.Tensor, cu_seqlens: torch.Tensor):
+    """Packed sequences each after its own K-1 initial inputs, [init_0, x_0, init_1, x_1, ...]: x [1, T, C]
+    and init [N, C, K-1] -> ([1, C, T + N (K-1)], the valid-conv output column of each token [T], the
+    columns of each sequence's last K-1 inputs [N, K-1]). One conv over it never mixes sequences."""
+    T, (N, C, K1) = x.shape[1], init.shape
+    cu = cu_seqlens.to(x.device).long()
+    t = torch.arange(T, device=x.device)
+    token_at = t + K1 * (torch.searchsorted(cu[1:], t, right=True) + 1)
+    init_at = (cu[:-1] + K1 * torch.arange(N, device=x.device))[:, None] + torch.arange(K1, device=x.device)
+    source = torch.empty(T + N * K1, dtype=torch.long, device=x.device)
+    source[token_at] = t
+    source[init_at.flatten()] = T + torch.arange(N * K1, device=x.device)
+    rows = torch.cat([x[0], init.transpose(1, 2).reshape(N * K1, C)]).T  # [C, T + N (K-1)]: tokens, then states
+    return rows.index_select(1, source)[None], token_at - K1, init_at + (cu[1:] - cu[:-1])[:, None]
 
 
 def causal_conv1d_update_ref(

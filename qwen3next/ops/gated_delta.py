@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .norms import l2_norm_ref
+from .packing import PaddedLayout
 
 
 def check_gated_delta_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
@@ -69,23 +70,16 @@ def _heads_first(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
 
 
 def _varlen(fn, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens):
-    """Run `fn` on packed sequences by padding them into a batch. Padded steps have g = 0 and beta = 0,
-    so they leave the state unchanged; their outputs are dropped."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    T_max = max(max(lengths), 1)
-
-    def to_batch(x):
-        out = x.new_zeros((len(lengths), T_max, *x.shape[2:]))
-        for n, (s, L) in enumerate(zip(cu_seqlens[:-1].tolist(), lengths)):
-            out[n, :L] = x[0, s : s + L]
-        return out
-
+    """Run `fn` on packed sequences laid out as a padded batch [N, L]. Padding steps get g = 0 and
+    beta = 0, so they leave the state unchanged; their outputs are dropped."""
+    layout = PaddedLayout.from_offsets(cu_seqlens)
+    valid = layout.valid[..., None].to(g.dtype)
     o, state = fn(
-        *(to_batch(x) for x in (q, k, v, g, beta)), scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        layout.pad(q), layout.pad(k), layout.pad(v), layout.pad(g) * valid, layout.pad(beta) * valid, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
     )
-    o = torch.cat([o[n, :L] for n, L in enumerate(lengths)], dim=0).unsqueeze(0)
-    return o, state
+    return layout.unpad(o), state
 
 
 def recurrent_gated_delta_rule_ref(
@@ -147,21 +141,23 @@ def chunk_gated_delta_rule_ref(
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(c_i - c_j), j <= i
     k_beta = k * beta[..., None]
-    A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    u = torch.linalg.solve_triangular(eye + A, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(eye + A, k_beta * c.exp()[..., None], upper=False, unitriangular=True)
+    # one triangular solve for both right-hand sides; `unitriangular` reads only A's strictly lower
+    # part (j < i) and takes the diagonal as 1, i.e. it solves with I + A
+    A = (k_beta @ k.transpose(-1, -2)) * decay
+    rhs = torch.cat([v * beta[..., None], k_beta * c.exp()[..., None]], dim=-1)
+    u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
     attn = (q @ k.transpose(-1, -2)) * decay                       # [B, H, n, C, C], j <= i
     q_decayed = q * c.exp()[..., None]
-    k_to_end = k * (c[..., -1:] - c).exp()[..., None]
-    chunk_decay = c[..., -1].exp()                                 # [B, H, n]
+    k_to_end = (k * (c[..., -1:] - c).exp()[..., None]).transpose(-1, -2)
+    chunk_decay = c[..., -1].exp()[..., None, None]                # [B, H, n, 1, 1]
 
     S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.to(q.dtype)
     outs = []
-    for i in range(n):
-        d = u[:, :, i] - w[:, :, i] @ S
-        outs.append(q_decayed[:, :, i] @ S + attn[:, :, i] @ d)
-        S = S * chunk_decay[:, :, i, None, None] + k_to_end[:, :, i].transpose(-1, -2) @ d
+    chunks = (x.unbind(2) for x in (u, w, q_decayed, attn, k_to_end, chunk_decay))  # unbind: one backward copy
+    for u_i, w_i, q_i, attn_i, k_i, decay_i in zip(*chunks):
+        d = u_i - w_i @ S
+        outs.append(q_i @ S + attn_i @ d)
+        S = S * decay_i + k_i @ d
     o = torch.stack(outs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)
 
