@@ -108,17 +108,20 @@ def recurrent_gated_delta_rule_ref(
 
 def chunk_gated_delta_rule_ref(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-    use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_size=64,
+    use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_size=32,
 ):
     """The chunked (UT/WY) form: same contract and result as `recurrent_gated_delta_rule_ref`.
 
     Within a chunk of C steps, with cumulative log-decay c_i = g_1 + ... + g_i, the delta-rule writes
     d_i = beta_i (v_i - S_{i-1}^T k_i) solve the unit-lower-triangular system
         (I + A) d = beta v - (beta exp(c) k) S_0,   A_ij = beta_i exp(c_i - c_j) k_i.k_j  (j < i),
-    so C sequential updates become matmuls; then
-        o_i = exp(c_i) S_0^T q_i + sum_{j <= i} exp(c_i - c_j) (q_i.k_j) d_j,
-        S_C = exp(c_C) S_0 + sum_j exp(c_C - c_j) k_j d_j^T.
-    Vectorised over batch, heads and positions; the only Python loop passes the state between chunks.
+    so C sequential updates become matmuls: d = u - w S_0 with [u | w] = (I + A)^-1 [beta v | beta exp(c) k].
+    Then, with attn_ij = exp(c_i - c_j) q_i.k_j (j <= i) and K_j = exp(c_C - c_j) k_j,
+        o = attn d + exp(c) q S_0,      S_C = exp(c_C) S_0 + K^T d.
+    Vectorised over batch, heads and positions; the only Python loop passes the state from chunk to
+    chunk (computing each chunk's d on the way), then the outputs of all chunks are two products.
+    Any chunk_size gives the same result; 32 was the fastest on a CPU (fp32, forward + backward) at
+    head dims 32 to 128, from [8, 256] to [1, 2048] tokens.
     """
     check_gated_delta_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if cu_seqlens is not None:
@@ -141,24 +144,23 @@ def chunk_gated_delta_rule_ref(
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(c_i - c_j), j <= i
     k_beta = k * beta[..., None]
-    # one triangular solve for both right-hand sides; `unitriangular` reads only A's strictly lower
-    # part (j < i) and takes the diagonal as 1, i.e. it solves with I + A
+    # `unitriangular` reads only A's strictly lower part (j < i) and takes the diagonal as 1: I + A
     A = (k_beta @ k.transpose(-1, -2)) * decay
-    rhs = torch.cat([v * beta[..., None], k_beta * c.exp()[..., None]], dim=-1)
-    u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split([dv, dk], dim=-1)
-    attn = (q @ k.transpose(-1, -2)) * decay                       # [B, H, n, C, C], j <= i
-    q_decayed = q * c.exp()[..., None]
-    k_to_end = (k * (c[..., -1:] - c).exp()[..., None]).transpose(-1, -2)
-    chunk_decay = c[..., -1].exp()[..., None, None]                # [B, H, n, 1, 1]
+    uw = torch.linalg.solve_triangular(A, torch.cat([v * beta[..., None], k_beta * c.exp()[..., None]], dim=-1),
+                                       upper=False, unitriangular=True)  # [u | w]: [B, H, n, C, dv + dk]
+    k_to_end = (k * (c[..., -1:] - c).exp()[..., None]).transpose(-1, -2)  # K^T [B, H, n, dk, C]
+    chunk_decay = c[..., -1, None, None].exp()                     # [B, H, n, 1, 1]
 
     S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.to(q.dtype)
-    outs = []
-    chunks = (x.unbind(2) for x in (u, w, q_decayed, attn, k_to_end, chunk_decay))  # unbind: one backward copy
-    for u_i, w_i, q_i, attn_i, k_i, decay_i in zip(*chunks):
-        d = u_i - w_i @ S
-        outs.append(q_i @ S + attn_i @ d)
-        S = S * decay_i + k_i @ d
-    o = torch.stack(outs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
+    starts, writes = [], []  # the state entering each chunk, the chunk's d
+    chunks = (x.unbind(2) for x in (*uw.split([dv, dk], dim=-1), k_to_end, chunk_decay))  # unbind: one backward copy
+    for u_i, w_i, k_i, decay_i in zip(*chunks):
+        starts.append(S)
+        writes.append(u_i - w_i @ S)
+        S = S * decay_i + k_i @ writes[-1]
+    attn = (q @ k.transpose(-1, -2)) * decay                       # [B, H, n, C, C], j <= i
+    o = attn @ torch.stack(writes, dim=2) + (q * c.exp()[..., None]) @ torch.stack(starts, dim=2)
+    o = o.reshape(B, H, n * C, dv)[:, :, :T]
     return o.transpose(1, 2).to(out_dtype), (S if output_final_state else None)
 
 
