@@ -9,6 +9,7 @@ logits and loss, the next-token shift across cp slices, and losses over the glob
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,23 @@ class Runtime:
     ep: EPRuntime
     cp: CPRuntime
     batch_group: object  # the group over which ranks see different tokens (dp_shard x cp), or None
+
+    def recompute_contexts(self):
+        """`torch.utils.checkpoint`'s `context_fn`: a layer recomputed in the backward sees the state of
+        the forward call it belongs to (sequence parallel or not, cp lengths and documents), not that
+        of the last call (a batch may take two calls before its backward)."""
+        saved = (self.tp.sp, self.cp.sizes, self.cp.documents)
+
+        @contextlib.contextmanager
+        def recompute():
+            now = (self.tp.sp, self.cp.sizes, self.cp.documents)
+            self.tp.sp, self.cp.sizes, self.cp.documents = saved
+            try:
+                yield
+            finally:
+                self.tp.sp, self.cp.sizes, self.cp.documents = now
+
+        return contextlib.nullcontext(), recompute()
 
 
 @dataclass

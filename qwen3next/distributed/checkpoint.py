@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 from safetensors.torch import save_file
@@ -29,6 +30,9 @@ from ..config import Qwen3NextConfig
 from .dims import ParallelConfigError
 
 GATE_UP = "experts.gate_up_proj"
+# the optimizer's state and hyper-parameters per parameter name: any grouping of the parameters (they
+# are grouped by device mesh, which differs between layouts) loads it
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _storage_layout(t):
@@ -68,7 +72,7 @@ def _states(model, optimizer):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     return {"model": model_sd, "optim": optim_sd}
 
 
@@ -99,11 +103,15 @@ def load(directory, model, optimizer=None) -> int:
     check_config(directory, model.config)
     states = _states(model, optimizer)
     box = {**_on_disk(states), "step": torch.tensor(0)}
-    dcp.load(box, checkpoint_id=directory)  # in place: the views share storage with `states`
+    with warnings.catch_warnings():  # without a process group DCP reads in this process alone, as meant
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(box, checkpoint_id=directory)  # tensors in place: the views share storage with `states`
     if optimizer is None:
-        set_state_dict(model, (), model_state_dict=states["model"], optim_state_dict={})
+        set_state_dict(model, (), model_state_dict=states["model"], optim_state_dict={}, options=OPTIONS)
     else:
-        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"])
+        # the hyper-parameters are values, not tensors: they were loaded into `box`
+        optim = {k: (v if isinstance(v, torch.Tensor) else box["optim"][k]) for k, v in states["optim"].items()}
+        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=optim, options=OPTIONS)
     return int(box["step"])
 
 

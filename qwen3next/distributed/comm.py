@@ -44,13 +44,14 @@ def gather_sizes(n: int, group) -> list[int]:
     """Every rank's `n` (an int), in rank order."""
     if group_size(group) == 1:
         return [n]
-    t = torch.tensor([n], dtype=torch.int64, device=_device(group))
+    t = torch.tensor([n], dtype=torch.int64, device=collective_device(group))
     out = torch.empty(group_size(group), dtype=torch.int64, device=t.device)
     _all_gather_single(out, t, group=group)
     return out.tolist()
 
 
-def _device(group) -> torch.device:
+def collective_device(group=None) -> torch.device:
+    """Where tensors for `group`'s collectives live: this rank's GPU under nccl, else the CPU."""
     backend = dist.get_backend(group)
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 

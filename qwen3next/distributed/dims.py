@@ -7,7 +7,8 @@ its ranks are neighbours on NVLink). What each dim means for a rank:
   ep        the same tokens as its ep peers; routed experts sharded E / ep, tokens exchanged all-to-all
   tp        the same tokens; heads, channels, vocab and intermediate dims sharded; sequence-parallel
             residual stream between blocks
-The product must equal the world size. All dims of 1 (a single process) need no process group at all.
+The product must equal the world size (torchrun's WORLD_SIZE). All dims of 1 in a single process need no
+process group at all.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class ParallelDims:
                if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool) or getattr(self, n) < 1]
         if bad:
             raise ParallelConfigError(f"parallel dims must be integers >= 1; got {', '.join(bad)}")
-        if self.world_size == 1 and not dist.is_initialized():
-            return
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world_size == 1 and world == 1:
+            return
         if world != self.world_size:
             raise ParallelConfigError(
                 f"dp_shard * cp * ep * tp = {self.dp_shard} * {self.cp} * {self.ep} * {self.tp} = "

@@ -1,26 +1,50 @@
 """Command-line glue for runs launched with torchrun: the parallel-layout flags and their setup.
 
+    torchrun --nproc-per-node 4 -m qwen3next train corpus/ --out runs/a --tp 2 --dp-shard 2
     torchrun --nproc-per-node 2 -m qwen3next generate --model DIR --prompt "..." --tp 2
 
-Every rank loads the checkpoint and cuts its shards from it; rank 0 prints. (Loading straight into
-shards on the meta device, for models larger than one device, is not wired into the CLI yet.)
+Every rank loads the checkpoint (or builds the seeded model) and cuts its shards from it; rank 0
+prints. (Loading straight into shards on the meta device, for models larger than one device, is done
+when a training run resumes; it is not wired into fresh runs or generation yet.)
 """
 
 from __future__ import annotations
 
-from .dims import ParallelConfigError, ParallelDims
+from .dims import DIM_NAMES, ParallelConfigError, ParallelDims
+
+FLAGS = {
+    "dp_shard": "data-parallel ranks: each takes its rows of the batch; parameters FSDP2-sharded",
+    "cp": "context-parallel ranks: each takes its part of every row's sequence",
+    "ep": "expert-parallel ranks (routed experts split)",
+    "tp": "tensor-parallel ranks (heads, vocab and experts split)",
+}
+
+
+def add_parallel_arguments(parser, names, title: str) -> None:
+    """Flags --dp-shard, --cp, --ep, --tp (those in `names`), each defaulting to 1."""
+    group = parser.add_argument_group(title)
+    for name in names:
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=1, help=FLAGS[name])
 
 
 def add_generation_arguments(parser) -> None:
-    group = parser.add_argument_group("parallel decoding (launch with torchrun --nproc-per-node TP*EP)")
-    group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (heads, vocab and experts split)")
-    group.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (routed experts split)")
+    add_parallel_arguments(parser, ("tp", "ep"), "parallel decoding (launch with torchrun --nproc-per-node TP*EP)")
+
+
+def add_training_arguments(parser) -> None:
+    add_parallel_arguments(parser, DIM_NAMES, "parallel training (launch with torchrun --nproc-per-node "
+                                              "DP_SHARD*CP*EP*TP; --batch-size is the global batch)")
+
+
+def parallel_dims(args) -> ParallelDims:
+    """The layout asked for by the flags (initialises the process group and this rank's CUDA device
+    when it has more than one rank); ParallelConfigError when it does not match the world."""
+    return ParallelDims(**{name: getattr(args, name, 1) for name in DIM_NAMES})
 
 
 def generation_dims(args) -> ParallelDims:
-    """The layout asked for (initialises the process group and this rank's CUDA device when > 1)."""
     try:
-        return ParallelDims(tp=args.tp, ep=args.ep)
+        return parallel_dims(args)
     except ParallelConfigError as e:
         raise SystemExit(f"error: {e}") from None
 
