@@ -18,6 +18,8 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import PRESETS, ConfigError, Qwen3NextConfig
+from ..distributed.dims import ParallelConfigError
+from ..distributed.launch import add_training_arguments, parallel_dims
 from .data import DEFAULT_INCLUDE, DataError, load_tokenizer
 from .loop import Corpus, Trainer, TrainingError, TrainSettings
 from .state import find_checkpoint, run_directory
@@ -25,11 +27,14 @@ from .state import find_checkpoint, run_directory
 DEFAULTS = TrainSettings()
 
 
-def _log_to(run_dir: str):
-    """A logger that prints above the progress bar and appends to run_dir/train.log."""
+def _log_to(run_dir: str, enabled: bool = True):
+    """A logger that prints above the progress bar and appends to run_dir/train.log (when `enabled`:
+    under torchrun, on rank 0 only)."""
     from tqdm.auto import tqdm
 
     def log(line: str) -> None:
+        if not enabled:
+            return
         tqdm.write(line, file=sys.stdout)
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "train.log"), "a") as f:
@@ -113,9 +118,13 @@ def _device(name: str | None) -> torch.device:
 
 
 def cmd_train(args) -> int:
+    import torch.distributed as dist
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    launched_here = not dist.is_initialized()
     try:
+        dims = parallel_dims(args)  # under torchrun: the process group, and this rank's GPU
         device = _device(args.device)
         given = _given_settings(args)
         if args.resume:
@@ -124,8 +133,8 @@ def cmd_train(args) -> int:
                                   "do not pass DATA, --config, --tokenizer or --aux-coef with it")
             checkpoint = find_checkpoint(args.resume)
             out = args.out or run_directory(checkpoint)
-            log = _log_to(out)
-            trainer = Trainer.resume(checkpoint, device, out_dir=out, overrides=given, log=log)
+            log = _log_to(out, dims.is_rank0)
+            trainer = Trainer.resume(checkpoint, device, out_dir=out, overrides=given, log=log, dims=dims)
             log(f"resuming from step {trainer.step} ({checkpoint})")
         else:
             if not args.data:
@@ -141,12 +150,17 @@ def cmd_train(args) -> int:
                                                            args.aux_coef)
             corpus = Corpus([os.path.abspath(p) for p in args.data], args.include or list(DEFAULT_INCLUDE),
                             args.exclude_dir or [])
-            log = _log_to(args.out)
-            trainer = Trainer(model, tokenizer, corpus, settings, args.out, device, tokenizer_spec, log=log)
+            log = _log_to(args.out, dims.is_rank0)
+            trainer = Trainer(model, tokenizer, corpus, settings, args.out, device, tokenizer_spec, log=log,
+                              dims=dims)
         result = trainer.fit(progress=not args.no_progress)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, TrainingError, ParallelConfigError) as e:
+        rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        print(f"{rank}error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if launched_here and dist.is_initialized():
+            dist.destroy_process_group()
     log(f"checkpoint: {result['checkpoint']}\nloss curve: {result['plot']}")
     return 130 if result["status"] == "interrupted" else 0
 
@@ -167,6 +181,12 @@ def cmd_demo(args) -> int:
     from ..generate import generate
 
     started = time.perf_counter()
+    settings = TrainSettings(**{**DEMO_SETTINGS, **_given_settings(args)})
+    try:
+        settings.validate()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     out = args.out
     marker = os.path.join(out, "DEMO")
     if os.path.exists(out):
@@ -181,7 +201,6 @@ def cmd_demo(args) -> int:
     corpus = stdlib_source()
     log(f"qwen3next demo: training the 'tiny' preset from scratch on this CPU (threads: {torch.get_num_threads()}), "
         f"on the Python standard library's source ({corpus.paths[0]}), with the built-in byte-level tokenizer.")
-    settings = TrainSettings(**{**DEMO_SETTINGS, **_given_settings(args)})
     model, tokenizer, spec = build_model("tiny", "byte", settings.seed, None)
     trainer = Trainer(model, tokenizer, corpus, settings, out, "cpu", spec, log=log)
     result = trainer.fit(progress=not args.no_progress)
@@ -227,6 +246,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, help="CPU threads [torch's default]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     _settings_args(p)
+    add_training_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("demo", help="train the tiny preset on the CPU for a few minutes, evaluate, sample")

@@ -413,9 +413,6 @@ class ShuffledRows:
         self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
         return self.buffer.pop()
 
-    def next_batch(self, batch_size: int) -> Batch:
-        return make_batch([self.next_row() for _ in range(batch_size)])
-
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(JSON-ready dict, tensors) describing where the stream stands."""
         S = self.corpus.seq_len

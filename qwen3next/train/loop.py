@@ -3,9 +3,14 @@ metrics, routing statistics, checkpoints, exact resume.
 
 Objective per optimizer step, over its `grad_accum` packed batches: the token-weighted mean next-token
 cross-entropy of all the step's predicted tokens, plus `router_aux_loss_coef` times the mean of the
-batches' load-balancing losses. Weights are fp32 (the master copy); on a GPU the forward runs under
-bf16 autocast. On the CPU a run is deterministic: the same seed gives the same losses, and a run
-stopped and resumed from a checkpoint gives the same per-step losses as one that never stopped.
+batches' load-balancing losses (each over all of its batch's tokens). Weights are fp32 (the master
+copy); on a GPU the forward runs under bf16 autocast. On the CPU a run is deterministic: the same seed
+gives the same losses, and a run stopped and resumed from a checkpoint gives the same per-step losses
+as one that never stopped.
+
+Under a parallel layout (`dims`, launched with torchrun; see `distributed/training.py`) every rank
+runs the loop on its share of each global batch, the losses and the gradient norm are those of one
+process on the same batches, checkpoints are sharded, and rank 0 alone logs and writes the run files.
 
 Run directory:
     metrics.csv        one row per step: loss, aux_loss, lr, grad_norm, tokens/s, routing balance, eval loss
@@ -32,14 +37,18 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .. import ops
+from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..distributed import training as parallel
 from ..model import causal_lm_loss
 from .data import (
     DEFAULT_INCLUDE, Batch, DataError, PackedCorpus, ShuffledRows, TextTokenizer, list_files, load_tokenizer, make_batch,
     tokenizer_vocab_size,
 )
 from .state import (
-    find_checkpoint, load_checkpoint, load_optimizer_tensors, restore_rng, run_directory, save_checkpoint,
+    find_checkpoint, is_sharded, load_checkpoint, load_optimizer_tensors, load_sharded_state, restore_rng,
+    run_directory, save_checkpoint, save_sharded_checkpoint,
 )
 
 
@@ -57,7 +66,7 @@ class TrainSettings:
     grad_accum: int = 1            # forward passes per optimizer step
     lr: float = 1e-3               # peak learning rate
     min_lr_ratio: float = 0.1      # the cosine ends at lr * min_lr_ratio
-    warmup: int = 100              # steps of linear warm-up
+    warmup: int = 100              # steps of linear warm-up (>= steps: the whole run is warm-up, noted in the log)
     weight_decay: float = 0.1      # on matrices only (not on norms, biases, gates' scalars)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -86,6 +95,15 @@ class TrainSettings:
             errors.append(f"seq_len must be >= 2, got {self.seq_len}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             errors.append(f"need lr > 0 and 0 <= min_lr_ratio <= 1; got {self.lr}, {self.min_lr_ratio}")
+        for name in ("weight_decay", "eps", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                errors.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            errors.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 <= self.eval_fraction < 1:
+            errors.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_time is not None and not self.max_time > 0:
+            errors.append(f"max_time must be > 0 seconds (or None), got {self.max_time}")
         if self.precision not in ("auto", "bf16", "fp32"):
             errors.append(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.eval_every and not self.eval_fraction > 0:
@@ -129,11 +147,15 @@ def lr_at(step: int, s: TrainSettings) -> float:
 
 
 def build_optimizer(model, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over two groups: matrices (>= 2-D, weight decay) and the rest (none). The fused kernel
-    where this torch has it for the device, else the multi-tensor one."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    """AdamW over two groups: matrices (>= 2-D, weight decay) and the rest (none), each split by the
+    device mesh of its parameters in a parallelized model (one fused step takes tensors of one mesh).
+    The fused kernel where this torch has it for the device, else the multi-tensor one."""
+    split: dict[tuple, list] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            split.setdefault((p.dim() < 2, getattr(p, "device_mesh", None)), []).append(p)
+    groups = [{"params": params, "weight_decay": 0.0 if no_decay else s.weight_decay}
+              for (no_decay, _), params in sorted(split.items(), key=lambda item: item[0][0])]
     try:
         return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, fused=True)
     except (RuntimeError, ValueError):
@@ -142,9 +164,12 @@ def build_optimizer(model, s: TrainSettings, device: torch.device) -> torch.opti
 
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of storing them (less
-    memory, about a third more compute). Applied from outside: parameter names do not change."""
+    memory, about a third more compute). Applied from outside: parameter names do not change. A
+    parallelized model's layers are recomputed in the layout state of their own forward call."""
+    parallel = getattr(model, "parallel", None)
+    options = {} if parallel is None else {"context_fn": parallel.recompute_contexts}
     for layer in model.model.layers:
-        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, **options)
 
 
 def routing_counts(router_logits, top_k: int) -> torch.Tensor:
@@ -167,10 +192,12 @@ CSV_FIELDS = ["step", "tokens", "loss", "aux_loss", "lr", "grad_norm", "tokens_p
 
 class Trainer:
     """One training run: `Trainer(model, tokenizer, corpus, settings, out_dir).fit()`, or
-    `Trainer.resume(checkpoint_or_run_dir).fit()` to continue a saved run exactly."""
+    `Trainer.resume(checkpoint_or_run_dir).fit()` to continue a saved run exactly. With `dims` (a
+    `distributed.ParallelDims`; every rank constructs the same trainer on the same model) the model is
+    parallelized and each rank trains on its share of every batch."""
 
     def __init__(self, model, tokenizer: TextTokenizer, corpus: Corpus, settings: TrainSettings, out_dir: str,
-                 device: str | torch.device = "cpu", tokenizer_spec: str = "byte", log=None):
+                 device: str | torch.device = "cpu", tokenizer_spec: str = "byte", log=None, dims=None):
         settings.validate()
         config = model.config
         if settings.seq_len > config.max_position_embeddings:
@@ -179,10 +206,15 @@ class Trainer:
         vocab = tokenizer_vocab_size(tokenizer)
         if vocab > config.vocab_size:
             raise ConfigError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}")
+        self.dims = dims if dims is not None and dims.enabled else None
+        self.is_rank0 = self.dims is None or self.dims.is_rank0
         self.device = torch.device(device)
         self.settings, self.corpus, self.out_dir = settings, corpus, out_dir
         self.tokenizer, self.tokenizer_spec = tokenizer, tokenizer_spec
-        self.model = model.to(device=self.device, dtype=torch.float32).train()
+        self.autocast_dtype = self._autocast_dtype()
+        if self.dims is not None:
+            parallel.check_settings(settings, config, self.dims)
+        self.model = parallel.place_model(model, self.device, self.dims, self.autocast_dtype).train()
         if settings.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         files = corpus.files()
@@ -193,10 +225,9 @@ class Trainer:
                           if settings.eval_every else None)
         self._eval_batches: list[Batch] | None = None
         self.optimizer = build_optimizer(self.model, settings, self.device)
-        self.autocast_dtype = self._autocast_dtype()
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.history: list[dict] = []  # one dict per step (CSV_FIELDS)
-        self._log = log or (lambda line: None)
+        self._log = log if log is not None and self.is_rank0 else (lambda line: None)
         self._stop_requested = False
         self._fresh = True
 
@@ -209,11 +240,16 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str, device: str | torch.device = "cpu", out_dir: str | None = None,
-               overrides: dict | None = None, log=None) -> "Trainer":
+               overrides: dict | None = None, log=None, dims=None) -> "Trainer":
         """Rebuild a run from a checkpoint directory (or a run directory's latest checkpoint); it goes on
         writing to `out_dir`, by default the run directory the checkpoint is in. The saved settings are
-        used; `overrides` may change steps, max_time, eval/save/log intervals."""
+        used; `overrides` may change steps, max_time, eval/save/log intervals. A checkpoint written
+        under a parallel layout resumes under any layout `dims`, or in one process."""
         directory = find_checkpoint(path)
+        sharded = is_sharded(directory)
+        if dims is not None and dims.enabled and not sharded:
+            raise CheckpointError(f"{directory} was written by a one-process run: resume it in one process, or "
+                                  f"start a run under torchrun from its weights (--config {directory})")
         model, state, tensors = load_checkpoint(directory, device)
         settings = TrainSettings.from_dict(state["settings"])
         allowed = {"steps", "max_time", "eval_every", "save_every", "log_every", "keep_checkpoints"}
@@ -222,14 +258,20 @@ class Trainer:
                 raise ConfigError(f"{key} cannot change when resuming (it would change what the run computes); "
                                   f"these can: {sorted(allowed)}")
             setattr(settings, key, value)
+        if state["step"] >= settings.steps:
+            raise ConfigError(f"{directory} is at step {state['step']} of a run of {settings.steps} steps: nothing "
+                              f"to train; give more steps (--steps N, N > {state['step']}) to go on")
         corpus = Corpus(**state["corpus"])
         trainer = cls(model, load_tokenizer(directory), corpus, settings, out_dir or run_directory(directory), device,
-                      tokenizer_spec=state["tokenizer"], log=log)
+                      tokenizer_spec=state["tokenizer"], log=log, dims=dims)
         if trainer.corpus_fingerprint != state["corpus_fingerprint"]:
             raise DataError(f"the corpus changed since the checkpoint was written ({state['corpus_fingerprint']['files']}"
                             f" files then, {trainer.corpus_fingerprint['files']} now): the data position would not match")
-        names = {id(p): n for n, p in trainer.model.named_parameters()}
-        load_optimizer_tensors(trainer.optimizer, names, tensors, state["optimizer_groups"])
+        if sharded:
+            load_sharded_state(directory, trainer.model, trainer.optimizer)
+        else:
+            names = {id(p): n for n, p in trainer.model.named_parameters()}
+            load_optimizer_tensors(trainer.optimizer, names, tensors, state["optimizer_groups"])
         restore_rng(tensors)
         trainer.step, trainer.tokens, trainer.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         trainer.stream.restore(state["data"], tensors)
@@ -238,26 +280,35 @@ class Trainer:
         return trainer
 
     # ----------------------------------------------------------------------------------------- steps
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def _layout(self, rows) -> Batch:
+        """Rows of a batch as this process's forward passes (under a parallel layout: its share)."""
+        return make_batch(rows) if self.dims is None else parallel.shard_batch(rows, self.dims)
+
     def batch_loss(self, batch: Batch):
-        """(mean cross-entropy over the batch's predicted tokens, load-balancing loss or None, routing
-        counts [MoE layers, E] or None). With two forward passes (see `make_batch`), the aux loss is
-        their token-weighted mean."""
+        """(mean cross-entropy over the batch's predicted tokens, load-balancing loss over all its tokens
+        or None, routing counts [MoE layers, E] or None), however many forward passes it takes (see
+        `make_batch`)."""
+        if self.dims is not None:
+            return parallel.batch_loss(self.model, batch, self.device, self._autocast)
         config = self.model.config
-        ce = aux = counts = None
+        ce, router_logits = None, []
         for part in batch.parts:
             ids = part.input_ids.to(self.device)
             cu = part.cu_seqlens.to(self.device) if part.cu_seqlens is not None else None
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with self._autocast():
                 out = self.model(ids, cu_seqlens=cu)
             term = causal_lm_loss(out.logits, ids, cu) * (part.targets / batch.targets)
             ce = term if ce is None else ce + term
-            if out.aux_loss is not None:
-                term = out.aux_loss * (ids.numel() / batch.tokens)
-                aux = term if aux is None else aux + term
-                c = routing_counts(out.router_logits, config.num_experts_per_tok)
-                counts = c if counts is None else counts + c
-        return ce, aux, counts
+            router_logits.append(out.router_logits)
+        if not router_logits[0]:
+            return ce, None, None
+        pooled = [torch.cat(layer) for layer in zip(*router_logits)]  # each MoE layer's logits of every pass
+        aux = ops.load_balancing_loss(pooled, config.num_experts_per_tok)
+        return ce, aux, routing_counts(pooled, config.num_experts_per_tok)
 
     def train_step(self, batches: list[Batch]) -> dict:
         """One optimizer step over `batches` (gradient accumulation); returns the step's metrics."""
@@ -278,7 +329,8 @@ class Trainer:
                 counts = c if counts is None else counts + c
             objective.backward()
             loss_sum += ce.detach() * (batch.targets / total_targets)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip or float("inf"))
+        clip = torch.nn.utils.clip_grad_norm_ if self.dims is None else parallel.clip_grad_norm_
+        grad_norm = clip(self.model.parameters(), s.grad_clip or float("inf"))
         loss = float(loss_sum)
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at step {self.step + 1}; lower --lr or raise --warmup")
@@ -295,11 +347,15 @@ class Trainer:
         if self._eval_batches is None:
             rows = self.eval_data.rows()
             taken = [row for _, row in zip(range(self.settings.eval_rows), rows)]
+            if self.dims is not None:  # every data-parallel rank evaluates as many rows
+                taken = taken[: len(taken) - len(taken) % self.dims.dp_shard]
             if not taken:
-                raise DataError(f"the held-out split has no complete row of {self.settings.seq_len} tokens: "
-                                "raise eval_fraction, lower seq_len, or turn evaluation off (eval_every 0)")
+                raise DataError(f"the held-out split has no complete row of {self.settings.seq_len} tokens"
+                                + (f" for each of {self.dims.dp_shard} data-parallel ranks"
+                                   if self.dims is not None and self.dims.dp_shard > 1 else "")
+                                + ": raise eval_fraction, lower seq_len, or turn evaluation off (eval_every 0)")
             B = self.settings.batch_size
-            self._eval_batches = [make_batch(taken[i:i + B]) for i in range(0, len(taken), B)]
+            self._eval_batches = [self._layout(taken[i:i + B]) for i in range(0, len(taken), B)]
         self.model.eval()
         total, count = 0.0, 0
         for batch in self._eval_batches:
@@ -318,8 +374,9 @@ class Trainer:
             "corpus_fingerprint": self.corpus_fingerprint, "tokenizer": self.tokenizer_spec,
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         }
-        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, self.tokenizer, state,
-                               data_tensors, keep=self.settings.keep_checkpoints)
+        save = save_checkpoint if self.dims is None else save_sharded_checkpoint
+        return save(self.out_dir, self.step, self.model, self.optimizer, self.tokenizer, state, data_tensors,
+                    keep=self.settings.keep_checkpoints)
 
     # ----------------------------------------------------------------------------------------- the loop
     def fit(self, callback=None, progress: bool = True) -> dict:
@@ -329,14 +386,19 @@ class Trainer:
         from tqdm.auto import tqdm
 
         s = self.settings
-        os.makedirs(self.out_dir, exist_ok=True)
-        metrics = MetricsWriter(self.out_dir, self.history)
+        if self.is_rank0:
+            os.makedirs(self.out_dir, exist_ok=True)
+        metrics = MetricsWriter(self.out_dir, self.history) if self.is_rank0 else _NoMetrics()
         if self._fresh:
             torch.manual_seed(s.seed)
-        self._log(f"training {self.model.num_parameters() / 1e6:.2f}M parameters on {self.device}"
+        layout = "" if self.dims is None else f" x {self.dims.world_size} ranks ({self.dims})"
+        self._log(f"training {self.model.num_parameters() / 1e6:.2f}M parameters on {self.device}{layout}"
                   f" ({'bf16 autocast' if self.autocast_dtype else 'fp32'}, CPU threads: {torch.get_num_threads()})"
                   f"; {self.corpus_fingerprint['files']} files; step {self.step} -> {s.steps};"
                   f" {s.batch_size * s.grad_accum * s.seq_len} tokens per step; run directory {self.out_dir}")
+        if s.warmup >= s.steps:
+            self._log(f"note: the warm-up ({s.warmup} steps) lasts the whole run ({s.steps} steps): the learning rate "
+                      f"rises to {lr_at(s.steps - 1, s):.2e} and never reaches lr {s.lr:.2e}")
         eval_loss = None
         if self._fresh and s.eval_every:
             eval_loss = self.evaluate()
@@ -348,11 +410,12 @@ class Trainer:
         previous_handler = self._install_sigint()
         previous_determinism = _deterministic(self.device.type == "cpu")
         bar = tqdm(total=s.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not progress, file=sys.stderr)
+                   disable=not progress or not self.is_rank0, file=sys.stderr)
         try:
             while self.step < s.steps:
                 t0 = time.perf_counter()
-                out = self.train_step([self.stream.next_batch(s.batch_size) for _ in range(s.grad_accum)])
+                out = self.train_step([self._layout([self.stream.next_row() for _ in range(s.batch_size)])
+                                       for _ in range(s.grad_accum)])
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 tok_s = s.batch_size * s.grad_accum * s.seq_len / dt
@@ -366,7 +429,7 @@ class Trainer:
                                 gnorm=f"{out['grad_norm']:.2f}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
                 timed_out = s.max_time is not None and time.perf_counter() - started >= s.max_time
-                stopping = self._stop_requested or timed_out
+                stopping = self._agreed(self._stop_requested or timed_out)
                 last = self.step == s.steps or stopping
                 if self.step % s.log_every == 0 or last:
                     self._log(f"step {self.step}/{s.steps}: loss {out['loss']:.4f}"
@@ -384,7 +447,7 @@ class Trainer:
                     metrics.plot()
                 if callback is not None:
                     callback(self, row)
-                if stopping or self._stop_requested:
+                if stopping or self._agreed(self._stop_requested):
                     status = "interrupted" if self._stop_requested else "time limit"
                     break
                 if s.save_every and self.step % s.save_every == 0 and not last:
@@ -400,6 +463,10 @@ class Trainer:
             self._log(f"{status} at step {self.step}: saved {checkpoint_path}")
         return {"status": status, "step": self.step, "checkpoint": checkpoint_path, "eval_loss": eval_loss,
                 "plot": metrics.plot_path}
+
+    def _agreed(self, flag: bool) -> bool:
+        """`flag` on any rank (every rank stops at the same step); in one process, `flag`."""
+        return flag if self.dims is None else parallel.any_rank(flag)
 
     def _log_routing(self, counts: torch.Tensor) -> None:
         moe_layers = [i for i in range(self.model.config.num_hidden_layers) if self.model.config.is_moe_layer(i)]
@@ -436,6 +503,21 @@ def _deterministic(enabled: bool, fill_memory: bool = False) -> tuple[bool, bool
 
 
 # --------------------------------------------------------------------------------------------- metrics
+class _NoMetrics:
+    """What ranks other than 0 write: nothing."""
+
+    plot_path = None
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(out_dir: str) -> list[dict]:
     """The rows of `out_dir/metrics.csv` (numbers parsed, blanks as None); [] when there is none."""
     path = os.path.join(out_dir, "metrics.csv")
@@ -463,10 +545,11 @@ class MetricsWriter:
         self.csv = csv.DictWriter(self.file, CSV_FIELDS)
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        except ImportError:
+        except ImportError:  # tensorboard (or one of its dependencies) is not installed: CSV only
             self.tensorboard = None
+        else:  # a resumed run hides what an earlier attempt logged after its checkpoint
+            self.tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"),
+                                             purge_step=history[-1]["step"] + 1 if history else None)
 
     def write(self, row: dict) -> None:
         row = {k: row.get(k) for k in CSV_FIELDS}

@@ -10,6 +10,11 @@
       COMPLETE.json                                        written last: size and sha256 of every file above
     checkpoints/latest                                     the name of the newest complete checkpoint
 
+A run under torchrun (a parallel layout) adds `dcp/`: every rank's shards of the model and optimizer
+state (torch.distributed.checkpoint, `distributed.checkpoint.save`); its trainer_state.safetensors then
+holds no optimizer tensors. The model files are gathered from the shards, so the directory is a
+Hugging Face checkpoint all the same, and it resumes on any layout (or in one process).
+
 A checkpoint is assembled in `step-000100.partial/` and renamed into place once its marker is written,
 so a crash leaves either the whole checkpoint or a `.partial` directory that nothing reads. Loading
 re-hashes every file against the marker: a partial, truncated or altered checkpoint is reported with
@@ -24,14 +29,18 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, load_model, save_model
+from ..config import Qwen3NextConfig
+from ..model import Qwen3NextForCausalLM
 from .data import TextTokenizer, save_tokenizer
 
 MARKER = "COMPLETE.json"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
+SHARDED = "dcp"
 LATEST = "latest"
 FORMAT = 1
 
@@ -95,32 +104,82 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, tokenizer: TextTo
     """Write the checkpoint of `step` under `run_dir/checkpoints/` atomically (`state` to the JSON file,
     the optimizer, RNG and `extra_tensors` to the safetensors file), point `latest` at it, and delete
     all but the newest `keep` complete checkpoints (keep = 0 keeps all). Returns its path."""
-    root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    name = checkpoint_name(step)
-    final = os.path.join(root, name)
+    root, name, final = _paths(run_dir, step)
     if not os.path.isfile(os.path.join(final, MARKER)):
-        partial = final + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
+        partial = _fresh_partial(final)
         save_model(model, partial)
-        save_tokenizer(tokenizer, partial)
         names = {id(p): n for n, p in model.named_parameters()}
         tensors, groups = optimizer_tensors(optimizer, names)
-        tensors.update(extra_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = rng
-        save_file(tensors, os.path.join(partial, STATE_TENSORS), metadata={"format": "pt"})
-        _write_json(os.path.join(partial, STATE_JSON), {**state, "format": FORMAT, "step": step,
-                                                        "optimizer_groups": groups})
-        files = sorted(f for f in os.listdir(partial) if not f.endswith(".tmp"))
-        _write_json(os.path.join(partial, MARKER), {"step": step, "files": {
-            f: {"size": os.path.getsize(os.path.join(partial, f)), "sha256": _sha256(os.path.join(partial, f))}
-            for f in files}})
-        if os.path.isdir(final):  # an incomplete leftover of the same step
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        _write_trainer_state(partial, step, tokenizer, {**state, "optimizer_groups": groups},
+                             {**tensors, **extra_tensors})
+        _seal(partial, final, step)
+    _point_latest(root, name, keep)
+    return final
+
+
+def save_sharded_checkpoint(run_dir: str, step: int, model, optimizer, tokenizer: TextTokenizer, state: dict,
+                            extra_tensors: dict, keep: int = 0) -> str:
+    """`save_checkpoint` for a parallelized model: every rank calls it and writes its shards of the
+    model and optimizer under `dcp/`; the Hugging Face model is gathered one tensor at a time; rank 0
+    writes everything else. Returns the path (on every rank, once the checkpoint is complete)."""
+    from ..distributed import checkpoint as dcp_checkpoint
+
+    rank0 = dist.get_rank() == 0
+    root, name, final = _paths(run_dir, step)
+    if not os.path.isfile(os.path.join(final, MARKER)):
+        partial = final + ".partial"
+        if rank0:
+            _fresh_partial(final)
+        dist.barrier()
+        dcp_checkpoint.save(os.path.join(partial, SHARDED), model, optimizer, step)
+        dcp_checkpoint.export_hf(model, partial)
+        if rank0:
+            _write_trainer_state(partial, step, tokenizer, state, extra_tensors)
+            _seal(partial, final, step)
+    if rank0:
+        _point_latest(root, name, keep)
+    dist.barrier()
+    return final
+
+
+def _paths(run_dir: str, step: int) -> tuple[str, str, str]:
+    root = os.path.join(run_dir, "checkpoints")
+    name = checkpoint_name(step)
+    return root, name, os.path.join(root, name)
+
+
+def _fresh_partial(final: str) -> str:
+    """An empty `final.partial` directory (parents created)."""
+    partial = final + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    return partial
+
+
+def _write_trainer_state(partial: str, step: int, tokenizer: TextTokenizer, state: dict, tensors: dict) -> None:
+    """The tokenizer, the JSON state and the tensors (with this process's RNG states added)."""
+    save_tokenizer(tokenizer, partial)
+    tensors = {**tensors, "rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    save_file(tensors, os.path.join(partial, STATE_TENSORS), metadata={"format": "pt"})
+    _write_json(os.path.join(partial, STATE_JSON), {**state, "format": FORMAT, "step": step})
+
+
+def _seal(partial: str, final: str, step: int) -> None:
+    """Write the marker (size and sha256 of every file, subdirectories included) and rename into place."""
+    files = sorted(os.path.relpath(os.path.join(d, f), partial) for d, _, names in os.walk(partial)
+                   for f in names if not f.endswith(".tmp"))
+    _write_json(os.path.join(partial, MARKER), {"step": step, "files": {
+        f: {"size": os.path.getsize(os.path.join(partial, f)), "sha256": _sha256(os.path.join(partial, f))}
+        for f in files}})
+    if os.path.isdir(final):  # an incomplete leftover of the same step
+        shutil.rmtree(final)
+    os.replace(partial, final)
+
+
+def _point_latest(root: str, name: str, keep: int) -> None:
     with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
         f.write(name + "\n")
     os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
@@ -130,7 +189,6 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, tokenizer: TextTo
         for old in complete[:-keep]:
             if old != name:
                 shutil.rmtree(os.path.join(root, old))
-    return final
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -182,10 +240,28 @@ def verify_checkpoint(directory: str) -> dict:
     return listed
 
 
+def is_sharded(directory: str) -> bool:
+    """Whether a checkpoint was written under a parallel layout (its state is in `dcp/`)."""
+    return os.path.isdir(os.path.join(directory, SHARDED))
+
+
 def load_checkpoint(directory: str, device) -> tuple:
     """Verify and read a training checkpoint: (model in fp32 on `device`, state dict from the JSON,
-    the tensors of trainer_state.safetensors)."""
-    verify_checkpoint(directory)
+    the tensors of trainer_state.safetensors). The model of a sharded checkpoint is built on the meta
+    device: its weights come with the optimizer's (`load_sharded_state`). Under torch.distributed,
+    rank 0 verifies the files and every rank raises what it found."""
+    if dist.is_initialized():
+        problem = [None]
+        if dist.get_rank() == 0:
+            try:
+                verify_checkpoint(directory)
+            except CheckpointError as e:
+                problem = [str(e)]
+        dist.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise CheckpointError(problem[0])
+    else:
+        verify_checkpoint(directory)
     try:
         with open(os.path.join(directory, STATE_JSON)) as f:
             state = json.load(f)
@@ -194,8 +270,19 @@ def load_checkpoint(directory: str, device) -> tuple:
         raise CheckpointError(f"{directory}: unreadable training state ({e})") from None
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{directory}: training-state format {state.get('format')!r}, this version reads {FORMAT}")
-    model = load_model(directory, dtype=torch.float32, device=device)
+    if is_sharded(directory):
+        with torch.device("meta"):
+            model = Qwen3NextForCausalLM(Qwen3NextConfig.from_pretrained(directory))
+    else:
+        model = load_model(directory, dtype=torch.float32, device=device)
     return model, state, tensors
+
+
+def load_sharded_state(directory: str, model, optimizer) -> None:
+    """Fill a model (parallelized on any layout, or not) and its optimizer from a sharded checkpoint."""
+    from ..distributed import checkpoint as dcp_checkpoint
+
+    dcp_checkpoint.load(os.path.join(directory, SHARDED), model, optimizer)
 
 
 def restore_rng(tensors: dict) -> None:
