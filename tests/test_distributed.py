@@ -201,6 +201,80 @@ def _job_2(results, workdir):
     results["error/ckpt_config"] = _expect_error(
         lambda: checkpoint.load(os.path.join(workdir, "dcp_tp2_dp2"), other_model), "different model config", "hidden_size")
     results["error/class"] = isinstance(ParallelConfigError("x"), ValueError)
+    _train_checks(results, workdir)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+TRAIN = dict(steps=STEPS, seq_len=24, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=1.0, eval_every=SAVE_AT,
+             eval_rows=4, eval_fraction=0.3, save_every=0, log_every=SAVE_AT)  # constant lr: a shorter run is a prefix
+# layout, settings: the tp run saves at SAVE_AT (resumed under dp_shard, and in one process); cp runs
+# with activation checkpointing (layers recomputed in their own call's layout state)
+TRAIN_LAYOUTS = {"tp": (dict(tp=2), dict(save_every=SAVE_AT)), "dp_shard": (dict(dp_shard=2), {}),
+                 "cp_ac": (dict(cp=2), dict(steps=SAVE_AT, activation_checkpointing=True))}
+
+
+def _write_corpus(directory) -> str:
+    """Documents of 5 to 60 words: rows of 24 bytes hold one document or several (two forward calls)."""
+    import random
+
+    rng = random.Random(0)
+    words = "def class return import self value index the of and to in is for".split()
+    os.makedirs(directory, exist_ok=True)
+    for i in range(24):
+        with open(os.path.join(directory, f"d{i:02d}.txt"), "w") as f:
+            f.write(" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) + "\n")
+    return str(directory)
+
+
+def _trainer(workdir, name, dims=None, **settings):
+    from qwen3next.train import ByteTokenizer, Corpus, Trainer, TrainSettings
+
+    config = _config()
+    return Trainer(_model(config), ByteTokenizer(), Corpus([os.path.join(workdir, "corpus")]),
+                   TrainSettings(**{**TRAIN, **settings}), os.path.join(workdir, name), dims=dims)
+
+
+def _train_checks(results, workdir):
+    """`Trainer` under each layout on the same global batches as one process, a resume on another
+    layout, and `qwen3next train` with the layout flags."""
+    import contextlib
+    import io
+
+    from qwen3next.cli import main
+    from qwen3next.distributed import ParallelDims
+    from qwen3next.train import Trainer
+
+    def fit(trainer):
+        rows = []  # every rank's metrics (only rank 0 writes them to its run directory)
+        result = trainer.fit(callback=lambda t, row: rows.append(row), progress=False)
+        return {"rows": rows, "history": trainer.history, "plot": result["plot"]}
+
+    rank = torch.distributed.get_rank()
+    results["train/one"] = fit(_trainer(workdir, f"train_one_rank{rank}"))
+    for name, (layout, settings) in TRAIN_LAYOUTS.items():
+        results[f"train/{name}"] = fit(_trainer(workdir, f"train_{name}", ParallelDims(**layout), **settings))
+    resumed = Trainer.resume(os.path.join(workdir, "train_tp", "checkpoints", f"step-{SAVE_AT:06d}"),
+                             out_dir=os.path.join(workdir, "train_resumed"), dims=ParallelDims(dp_shard=2))
+    results["train/resumed_step"] = resumed.step
+    results["train/resumed"] = fit(resumed)
+
+    corpus = os.path.join(workdir, "corpus")
+    flags = ["--steps", "2", "--seq-len", "24", "--batch-size", "4", "--eval-every", "1", "--eval-fraction", "0.3",
+             "--eval-rows", "4", "--no-progress", "--config", os.path.join(workdir, "hf_tp2"), "--tokenizer", "byte"]
+
+    def cli(*args):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["train", *args])
+        return code, err.getvalue()
+
+    results["cli/run"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_run"), "--ep", "2")
+    results["cli/resume"] = cli("--resume", os.path.join(workdir, "cli_run"), "--steps", "3", "--no-progress", "--tp", "2")
+    results["cli/world"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--tp", "2", "--dp-shard", "2")
+    results["cli/batch"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--dp-shard", "2",
+                               "--batch-size", "3")
+    results["cli/cp_short"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--cp", "2",
+                                  "--seq-len", "4")
 
 
 def _generate_check(config, model):
@@ -311,6 +385,7 @@ def four(workdir):
 
 @pytest.fixture(scope="module")
 def two(workdir, four):  # resumes the checkpoint the 4-process job saved
+    _write_corpus(os.path.join(workdir, "corpus"))
     return _run_job("2", workdir)
 
 
@@ -407,6 +482,114 @@ def test_bad_inputs_get_clear_errors(two):
         for name in ("tp_heads", "ep_experts", "world", "dims", "cp_short", "ckpt_config"):
             assert r[f"error/{name}"] == "ok", (name, r[f"error/{name}"])
         assert r["error/untouched"] and r["error/class"]
+
+
+TRAIN_METRICS = ("loss", "aux_loss", "grad_norm", "eval_loss")
+
+
+def _curve_error(got: list[dict], want: list[dict]) -> float:
+    """Worst relative difference of the metrics of the same steps (rows of `Trainer.fit`'s callback)."""
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    worst = 0.0
+    for a, b in zip(got, want):
+        for key in TRAIN_METRICS:  # a row without eval_loss: no evaluation at that step
+            assert (a.get(key) is None) == (b.get(key) is None), (a["step"], key)
+            if b.get(key) is not None:
+                worst = max(worst, abs(a[key] - b[key]) / abs(b[key]))
+    return worst
+
+
+@pytest.mark.parametrize("name", TRAIN_LAYOUTS)
+def test_trainer_follows_one_process(two, name):
+    """`Trainer` under tp=2, dp_shard=2 (FSDP) and cp=2 (with activation checkpointing), on the same
+    global batches of packed documents (rows of one document and rows of several): every rank sees
+    one process's loss, aux loss, gradient norm (clipping over the shards) and held-out loss."""
+    one = two[0]["train/one"]["rows"]
+    assert one[-1]["loss"] < one[0]["loss"] - 1.0  # it learns: the curves are not flat lines
+    steps = TRAIN_LAYOUTS[name][1].get("steps", STEPS)
+    for r in two:
+        assert _curve_error(r[f"train/{name}"]["rows"], one[:steps]) <= 1e-5
+
+
+def test_trainer_resumes_on_another_layout_and_in_one_process(two, workdir, tmp_path):
+    """The tp=2 run's checkpoint of step 5 (DCP shards) resumed under dp_shard=2 continues with one
+    process's losses; so does it resumed in this process, without torch.distributed."""
+    from qwen3next.train import Trainer
+
+    one = two[0]["train/one"]["rows"]
+    for r in two:
+        assert r["train/resumed_step"] == SAVE_AT
+        assert _curve_error(r["train/resumed"]["rows"], one[SAVE_AT:]) <= 1e-5
+    trainer = Trainer.resume(os.path.join(workdir, "train_tp", "checkpoints", f"step-{SAVE_AT:06d}"),
+                             out_dir=str(tmp_path / "resumed"))
+    rows = []
+    trainer.fit(callback=lambda t, row: rows.append(row), progress=False)
+    assert _curve_error(rows, one[SAVE_AT:]) <= 1e-5
+
+
+def test_rank0_alone_writes_the_run_files(two, workdir):
+    """The run directory of a parallel run holds one metrics.csv (every step once), the plot and the
+    checkpoints; rank 1 writes none of them. The final checkpoint is a Hugging Face checkpoint of the
+    same weights as the one-process run's."""
+    from qwen3next.checkpoint import load_model
+    from qwen3next.train.loop import read_metrics
+
+    run = os.path.join(workdir, "train_dp_shard")
+    expected = {"checkpoints", "metrics.csv", "loss.png"}
+    assert expected <= set(os.listdir(run)) <= expected | {"tensorboard"}
+    assert [row["step"] for row in read_metrics(run)] == list(range(STEPS + 1))
+    assert two[0]["train/dp_shard"]["plot"] == os.path.join(run, "loss.png")
+    assert two[1]["train/dp_shard"]["history"] == [] and two[1]["train/dp_shard"]["plot"] is None
+    final = os.path.join(run, "checkpoints", f"step-{STEPS:06d}")
+    assert os.path.isdir(os.path.join(final, "dcp"))
+    ids, _ = _batch(_config(), 0)
+    with torch.no_grad():
+        got = load_model(final)(ids).logits
+        want = load_model(os.path.join(workdir, "train_one_rank0", "checkpoints", f"step-{STEPS:06d}"))(ids).logits
+    assert _rel(got, want) <= 1e-4
+
+
+def test_train_command_with_layout_flags(two, workdir, capsys):
+    """`qwen3next train ... --ep 2` (as under torchrun: fine-tuning the exported checkpoint), then
+    `--resume ... --tp 2`; rank 0 alone logs. Clear errors for a layout that does not fit the world,
+    the batch or the rows, and for flags without torchrun."""
+    from qwen3next.cli import main
+    from qwen3next.train.loop import read_metrics
+
+    for r in two:
+        assert r["cli/run"] == [0, ""] and r["cli/resume"] == [0, ""]
+        assert r["cli/world"][0] == 2 and "the world has 2 processes" in r["cli/world"][1]
+        assert r["cli/batch"][0] == 2 and "--batch-size 3 must divide by --dp-shard 2" in r["cli/batch"][1]
+        assert r["cli/cp_short"][0] == 2 and "slices of 2 tokens" in r["cli/cp_short"][1]
+    run = os.path.join(workdir, "cli_run")
+    assert [row["step"] for row in read_metrics(run)] == [0, 1, 2, 3]
+    with open(os.path.join(run, "train.log")) as f:
+        lines = f.read().splitlines()
+    assert sum(line.startswith("training ") for line in lines) == 2  # the run and its resumption, once each
+    assert sum(line.startswith("resuming from step 2") for line in lines) == 1
+    assert main(["train", os.path.join(workdir, "corpus"), "--out", os.path.join(workdir, "cli_alone"), "--tp", "2"]) == 2
+    assert "launch with torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def test_batches_are_dealt_out_in_the_same_number_of_calls():
+    """Each data-parallel rank takes its rows; a rank whose rows are all of one kind (one document per
+    row, or packed) still makes as many forward calls as a rank with both kinds."""
+    import types
+
+    import numpy as np
+
+    from qwen3next.distributed.training import shard_batch
+    from qwen3next.train.data import Row
+
+    S = 8
+    whole = lambda i: Row(np.full(S, i), np.array([0, S]), None)  # noqa: E731
+    mixed = lambda i: Row(np.full(S, i), np.array([0, 3, S]), None)  # noqa: E731
+    rows = [whole(0), mixed(1), whole(2), whole(3)]
+    shares = [shard_batch(rows, types.SimpleNamespace(dp_shard=2, rank=lambda name, r=r: r, cp_slice=lambda x: x))
+              for r in range(2)]
+    assert [len(b.parts) for b in shares] == [2, 2]
+    assert [[int(row[0]) for p in b.parts for row in p.input_ids.view(-1, S)] for b in shares] == [[0, 1], [2, 3]]
+    assert all(b.tokens == 4 * S and b.targets == 4 * (S - 1) - 1 for b in shares)
 
 
 def test_single_process_dims_change_nothing():
