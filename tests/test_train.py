@@ -5,7 +5,10 @@ corrupt or partial ones are refused), and clear errors for bad input."""
 import json
 import os
 import signal
+import sys
 import sysconfig
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from qwen3next.config import ConfigError
 from qwen3next.model import Qwen3NextForCausalLM
 from qwen3next.train import ByteTokenizer, Corpus, DataError, PackedCorpus, Trainer, TrainSettings
 from qwen3next.train.data import ShuffledRows, is_held_out, make_batch
-from qwen3next.train.loop import load_ratio, lr_at, routing_counts
+from qwen3next.train.loop import load_ratio, lr_at, read_metrics, routing_counts
 from qwen3next.train.state import MARKER, verify_checkpoint
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -270,6 +273,80 @@ def test_activation_checkpointing_changes_nothing_but_memory(tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+class FakeSummaryWriter:
+    """Records what the trainer hands to `torch.utils.tensorboard.SummaryWriter`."""
+
+    made = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, {}, False
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars[(tag, step)] = value
+
+    def close(self):
+        self.closed = True
+
+
+METRICS = ("loss", "aux_loss", "lr", "grad_norm", "eval_loss")
+
+
+def test_tensorboard_gets_every_metric_at_its_step(tmp_path, monkeypatch):
+    """With tensorboard present (a stand-in module here), the CSV's metrics reach the SummaryWriter at their
+    steps; a resumed run gets a writer that hides what an earlier attempt logged after the checkpoint."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    monkeypatch.setattr(FakeSummaryWriter, "made", [])
+    t = trainer(tmp_path, steps=3, eval_every=2, eval_rows=4, eval_fraction=0.3)
+    t.fit(progress=False)
+    Trainer.resume(str(tmp_path / "run"), overrides={"steps": 5}).fit(progress=False)
+    first, second = FakeSummaryWriter.made
+    assert first.log_dir == second.log_dir == str(tmp_path / "run" / "tensorboard") and first.closed and second.closed
+    assert (first.purge_step, second.purge_step) == (None, 4)
+    rows = read_metrics(str(tmp_path / "run"))
+    expected = {(key, row["step"]): row[key] for row in rows for key in METRICS if row[key] is not None}
+    logged = {k: v for w in (first, second) for k, v in w.scalars.items() if k[0] in METRICS}
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert {step for key, step in expected if key == "eval_loss"} == {0, 2, 3, 4, 5}  # every 2 steps and each run's end
+    assert {step for key, step in expected if key == "aux_loss"} == {1, 2, 3, 4, 5}
+
+
+def test_without_tensorboard_no_error_and_no_warning(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # importing it raises ImportError
+    t = trainer(tmp_path, steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(progress=False)
+    assert [str(w.message) for w in caught] == []
+    assert not (tmp_path / "run" / "tensorboard").exists() and len(read_metrics(str(tmp_path / "run"))) == 2
+
+
+def test_real_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t = trainer(tmp_path, steps=3, eval_every=2, eval_rows=4, eval_fraction=0.3)
+    t.fit(progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(str(tmp_path / "run"))
+    for key in METRICS:
+        expected = {row["step"]: row[key] for row in rows if row[key] is not None}
+        assert {e.step: e.value for e in events.Scalars(key)} == pytest.approx(expected, rel=1e-6), key  # float32
+
+
+def test_warmup_longer_than_the_run_and_evaluation_interval_beyond_it(tmp_path):
+    """warmup >= steps is allowed (the lr rises all run long; resuming may add steps) and said in the log;
+    eval_every > steps evaluates at the start and the end only."""
+    lines = []
+    t = trainer(tmp_path, steps=3, warmup=10, eval_every=50, eval_rows=4, eval_fraction=0.3)
+    t._log = lines.append
+    t.fit(progress=False)
+    assert [r["lr"] for r in t.history if r["lr"] is not None] == pytest.approx([3e-4, 6e-4, 9e-4])
+    assert any("warm-up (10 steps) lasts the whole run (3 steps)" in line and "9.00e-04" in line for line in lines)
+    assert [r["step"] for r in t.history if r["eval_loss"] is not None] == [0, 3]
+
+
 # --------------------------------------------------------------------------------------------- commands
 def test_train_command_writes_a_run_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "run")
@@ -284,6 +361,8 @@ def test_train_command_writes_a_run_and_resumes(tmp_path, capsys):
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-000003", "step-000005"]
     assert main(["train", "--resume", out, "--lr", "1", "--no-progress"]) == 2
     assert "lr cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", out, "--steps", "4", "--no-progress"]) == 2
+    assert "is at step 5 of a run of 4 steps: nothing to train" in capsys.readouterr().err
 
 
 def test_fine_tuning_and_a_bpe_tokenizer(tmp_path):
@@ -335,16 +414,30 @@ def test_empty_corpus_is_reported(tmp_path):
         trainer(tmp_path, corpus, eval_every=1, eval_fraction=0.99).fit(progress=False)
 
 
-def test_bad_settings_are_reported(tmp_path):
+def test_bad_settings_are_reported(tmp_path, capsys):
     with pytest.raises(ConfigError, match="exceeds the model's max_position_embeddings"):
         trainer(tmp_path, config=tiny_config(max_position_embeddings=32))
     with pytest.raises(ConfigError, match="tokenizer has 257 tokens but the model's vocab_size is 100"):
         trainer(tmp_path, config=tiny_config(vocab_size=100))
-    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
-        trainer(tmp_path, batch_size=0)
+    for bad, message in [(dict(batch_size=0), "batch_size must be >= 1, got 0"),
+                         (dict(grad_accum=-1), "grad_accum must be >= 1, got -1"),
+                         (dict(seq_len=1), "seq_len must be >= 2, got 1"),
+                         (dict(steps=0), "steps must be >= 1, got 0"),
+                         (dict(grad_clip=-1.0), "grad_clip must be >= 0"),
+                         (dict(weight_decay=float("nan")), "weight_decay must be >= 0"),
+                         (dict(betas=(0.9, 1.0)), "betas must be two numbers in"),
+                         (dict(eval_fraction=1.0), "eval_fraction must be in"),
+                         (dict(max_time=0.0), "max_time must be > 0")]:
+        with pytest.raises(ConfigError, match=message):
+            trainer(tmp_path, **bad)
+    with pytest.raises(ConfigError, match="(?s)batch_size must be >= 1.*seq_len must be >= 2"):  # all at once
+        trainer(tmp_path, seq_len=0, batch_size=0)
     with pytest.raises(ConfigError, match="needs eval_fraction > 0"):
         trainer(tmp_path, eval_every=5, eval_fraction=0.0)
     assert main(["train", *STDLIB_FILES, "--out", str(tmp_path / "x"), "--seq-len", "100000"]) == 2
+    assert main(["train", *STDLIB_FILES, "--out", str(tmp_path / "x"), "--grad-accum", "0"]) == 2
+    assert main(["demo", "--out", str(tmp_path / "d"), "--steps", "0"]) == 2 and not (tmp_path / "d").exists()
+    assert "grad_accum must be >= 1" in capsys.readouterr().err
 
 
 def test_partial_and_corrupt_checkpoints_are_refused(tmp_path, capsys):

@@ -85,7 +85,7 @@ class TrainSettings:
 
     def validate(self) -> None:
         errors = []
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_rows", "log_every", "shuffle_buffer"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_rows", "log_every", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_every", "save_every", "keep_checkpoints"):
