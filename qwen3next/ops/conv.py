@@ -32,24 +32,31 @@ def causal_conv1d_ref(
     if T == 0:  # no output; the state passes through
         return x.new_zeros(B, 0, C), (init if output_final_state else None)
     if cu_seqlens is None:
-        xt = torch.cat([init, x.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]: each row after its initial inputs
-        y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), groups=C)  # [B, C, T]
-        final = xt[:, :, xt.shape[-1] - (K - 1) :] if output_final_state else None
+        xt = torch.cat([init.transpose(1, 2), x], dim=1)  # [B, K-1+T, C]: each row after its initial inputs
+        y = _depthwise(xt, weight)
+        final = xt[:, T:].transpose(1, 2) if output_final_state else None  # the last K-1 inputs
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens packs sequences into one row: batch size must be 1, got {B}")
-        xt, token_columns, state_columns = _after_initial_inputs(x, init, cu_seqlens)
-        y = F.conv1d(xt.to(weight.dtype), weight.unsqueeze(1), groups=C).index_select(-1, token_columns)
-        final = xt[0][:, state_columns].transpose(0, 1) if output_final_state else None  # [N, C, K-1]
+        xt, token_rows, state_rows = _after_initial_inputs(x, init, cu_seqlens)
+        y = _depthwise(xt, weight).index_select(1, token_rows)
+        final = xt[0, state_rows].transpose(1, 2) if output_final_state else None  # [N, C, K-1]
     if activation == "silu":
         y = F.silu(y)
-    return y.transpose(1, 2).to(x.dtype), final
+    return y.to(x.dtype), final
+
+
+def _depthwise(xt: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Valid depthwise convolution along time: xt [B, L, C], weight [C, K] -> [B, L-K+1, C] in weight.dtype.
+    A conv2d over xt's channels-last view, so neither side is transposed in memory."""
+    nhwc = xt.to(weight.dtype)[:, None].permute(0, 3, 1, 2)  # [B, C, 1, L], channels-last
+    return F.conv2d(nhwc, weight[:, None, None, :], groups=xt.shape[-1]).permute(0, 2, 3, 1)[:, 0]
 
 
 def _after_initial_inputs(x: torch.Tensor, init: torch.Tensor, cu_seqlens: torch.Tensor):
     """Packed sequences each after its own K-1 initial inputs, [init_0, x_0, init_1, x_1, ...]: x [1, T, C]
-    and init [N, C, K-1] -> ([1, C, T + N (K-1)], the valid-conv output column of each token [T], the
-    columns of each sequence's last K-1 inputs [N, K-1]). One conv over it never mixes sequences."""
+    and init [N, C, K-1] -> ([1, T + N (K-1), C], the valid-conv output row of each token [T], the rows
+    of each sequence's last K-1 inputs [N, K-1]). One convolution over it never mixes sequences."""
     T, (N, C, K1) = x.shape[1], init.shape
     cu = cu_seqlens.to(x.device).long()
     t = torch.arange(T, device=x.device)
@@ -58,8 +65,8 @@ def _after_initial_inputs(x: torch.Tensor, init: torch.Tensor, cu_seqlens: torch
     source = torch.empty(T + N * K1, dtype=torch.long, device=x.device)
     source[token_at] = t
     source[init_at.flatten()] = T + torch.arange(N * K1, device=x.device)
-    rows = torch.cat([x[0], init.transpose(1, 2).reshape(N * K1, C)]).T  # [C, T + N (K-1)]: tokens, then states
-    return rows.index_select(1, source)[None], token_at - K1, init_at + (cu[1:] - cu[:-1])[:, None]
+    rows = torch.cat([x[0], init.transpose(1, 2).reshape(N * K1, C)])  # tokens, then initial inputs
+    return rows.index_select(0, source)[None], token_at - K1, init_at + (cu[1:] - cu[:-1])[:, None]
 
 
 def causal_conv1d_update_ref(
