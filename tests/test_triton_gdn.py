@@ -96,6 +96,32 @@ def test_chunk_launch_choices_give_the_same_results(monkeypatch, tuning):
     check_chunk(130, HK=1, r=2, l2norm=True, cu_seqlens=cu, DV=32, seed=4)
 
 
+def test_reference_backward_where_the_kernel_faults(monkeypatch):
+    """Where `_chunk_bwd_kernel` is known to fault (Hopper, Triton 3.4-3.7.0, half precision, head dims other
+    than 128) the backward recomputes through the reference: same gradients, initial state and varlen included."""
+    monkeypatch.setattr(tgd, "_backward_kernel_faults", lambda q, dk, dv: True)
+    monkeypatch.setattr(tgd, "_chunk_backward", lambda *a, **kw: pytest.fail("the backward kernels ran"))
+    cu = torch.tensor([0, 65, 66, 130], dtype=torch.int32, device=DEVICE)
+    check_chunk(130, HK=1, r=2, l2norm=True, cu_seqlens=cu, seed=6)
+    check_chunk(65, HK=2, r=1, l2norm=False, seed=7)
+
+
+def test_which_setups_take_the_reference_backward(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(tgd.triton, "__version__", "3.6.0")
+    q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+    assert tgd._backward_kernel_faults(q, 32, 32)
+    assert not tgd._backward_kernel_faults(q, 128, 128)                                   # checked on an H100
+    assert not tgd._backward_kernel_faults(SimpleNamespace(**{**vars(q), "dtype": torch.float32}), 32, 32)
+    assert not tgd._backward_kernel_faults(SimpleNamespace(**{**vars(q), "is_cuda": False}), 32, 32)
+    monkeypatch.setattr(tgd.triton, "__version__", "3.7.1")                              # fixed upstream
+    assert not tgd._backward_kernel_faults(q, 32, 32)
+    monkeypatch.setattr(tgd.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # not Hopper
+    assert not tgd._backward_kernel_faults(q, 32, 32)
+
+
 def test_chunk_without_state_and_gradients_of_inputs_only():
     q, k, v, g, beta = gdn_inputs(70, 1, 1, 16, 16, 1, True, seed=3)
     o, s = tgd.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gated_delta import check_gated_delta_inputs, check_pool_update_inputs
+from ..gated_delta import check_gated_delta_inputs, check_pool_update_inputs, chunk_gated_delta_rule_ref
 from . import block_table, num_sms, sequence_offsets
 from .norms import L2, norm_backward
 
@@ -662,6 +662,35 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     return dq, dk, dv, dg, dbeta, dh0
 
 
+def _backward_kernel_faults(q: torch.Tensor, dk: int, dv: int) -> bool:
+    """Whether `_chunk_bwd_kernel` is known to fault here. Triton 3.4 to 3.7.0 miscompiles transposes of
+    matrix-product results on Hopper (fla-org/flash-linear-attention #640, #826; fixed in 3.7.1), and on an
+    H100 with Triton 3.6 this kernel hit an illegal memory access in bf16 at dk = dv = 32 (fp32, and bf16
+    at dk = dv = 128, the model's head size, were checked there and are right). There the backward runs
+    the reference instead, so training stays correct at the other head sizes, only slower."""
+    if not q.is_cuda or q.dtype == torch.float32 or (dk, dv) == (128, 128):
+        return False
+    version = tuple(int(x) for x in triton.__version__.split(".")[:3] if x.isdigit())
+    return torch.cuda.get_device_capability(q.device)[0] == 9 and (3, 4) <= version < (3, 7, 1)
+
+
+def _reference_backward(ctx, do, dht):
+    """Gradients by autograd through `chunk_gated_delta_rule_ref`, recomputed from the saved inputs."""
+    q, k, v, g, beta, h0 = ctx.saved_tensors
+    with torch.enable_grad():
+        ins = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, g, beta, h0)]
+        o, ht = chunk_gated_delta_rule_ref(*ins[:5], scale=ctx.scale, initial_state=ins[5],
+                                           output_final_state=dht is not None, use_qk_l2norm_in_kernel=ctx.l2norm,
+                                           cu_seqlens=ctx.cu_seqlens)
+        outs, grads_out = [o], [do]
+        if dht is not None:
+            outs.append(ht)
+            grads_out.append(dht)
+        wanted = [t for t in ins if t is not None]
+        grads = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
+    return tuple(next(grads) if t is not None else None for t in ins)
+
+
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, cu_seqlens):
@@ -674,9 +703,13 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         bp = beta.float().contiguous().view(B * T, HV)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         training = any(ctx.needs_input_grad)
+        ctx.reference = training and _backward_kernel_faults(q, DK, DV)
         o, ht, tinv, pmat, hs = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
-                                               save_states=training)
-        if training:
+                                               save_states=training and not ctx.reference)
+        if ctx.reference:
+            ctx.save_for_backward(q, k, v, g, beta, initial_state)
+            ctx.scale, ctx.l2norm, ctx.cu_seqlens = scale, l2norm, cu_seqlens
+        elif training:
             ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, pmat, hs)
             ctx.layout, ctx.scale, ctx.l2norm = layout, scale, l2norm
             ctx.shapes = (q.shape, v.shape, g.dtype, beta.dtype,
@@ -685,6 +718,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        if ctx.reference:
+            dq, dk, dv, dg, dbeta, dh0 = _reference_backward(ctx, do, dht)
+            return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
         qp, kp, vp, gp, bp, tinv, pmat, hs = ctx.saved_tensors
         q_shape, v_shape, g_dtype, beta_dtype, h0_dtype = ctx.shapes
         dop = do.contiguous().view(vp.shape)
