@@ -471,15 +471,22 @@ class Qwen3NextModel(nn.Module):
             raise ValueError(f"position_ids must have {T} positions, got shape {tuple(position_ids.shape)}")
 
         attn_mask = None
-        if cu_seqlens is not None:  # attention runs the sequences as a padded batch: no [T, T] mask
-            attn_mask = PaddedLayout.from_offsets(cu_seqlens)
+        packed = PaddedLayout.from_offsets(cu_seqlens) if cu_seqlens is not None else None
+        if packed is not None and packed.work <= T * T:
+            # attention runs the sequences as a padded batch [N, L]: no [T, T] mask, N L^2 <= T^2 scores
+            attn_mask = packed
         elif attention_mask is None and past and T > 1 and device.type == "cuda":
             # a chunk continuing a cache: causal aligned to the last key, which flash attention runs
             # without materialising a [T, S] mask
             attn_mask = causal_lower_right(T, S)
-        elif attention_mask is not None or (past and T > 1):
+        elif attention_mask is not None or packed is not None or (past and T > 1):
+            # a dense mask; for packed sequences of very unequal lengths (one long, many short) it is
+            # less work than padding every sequence to the longest
             q_pos = torch.arange(past, S, device=device)
             allowed = q_pos[:, None] >= torch.arange(S, device=device)[None, :]  # causal [T, S]
+            if packed is not None:
+                doc = torch.searchsorted(cu_seqlens[1:], q_pos, right=True)
+                allowed = allowed & (doc[:, None] == doc[None, :])
             allowed = allowed[None].expand(B, T, S)
             if attention_mask is not None:
                 # a padding query would see no key at all: let it see itself (its output is never used)

@@ -1,11 +1,14 @@
 """The whole model against transformers' Qwen3-Next on random tiny configs: logits, loss, aux loss and
 every parameter's gradient (fp32, relative error <= 1e-4 on non-padded positions)."""
 
+import itertools
+
 import pytest
 import torch
 
 from conftest import hf_twin, rel_err, tiny_config
 from qwen3next.model import Qwen3NextForCausalLM
+from qwen3next.ops.packing import PaddedLayout
 
 CONFIGS = {
     # GVA ratio 1, dk != dv, partial rotary 0.5, norm_topk_prob off, dense layer among MoE layers
@@ -97,14 +100,17 @@ def test_labels_shift_and_ignore_index(seeded):
     assert torch.allclose(out.loss, -torch.stack(picked).mean(), rtol=1e-5)
 
 
-def test_packed_documents_are_independent(seeded):
+@pytest.mark.parametrize("lengths,padded", [([5, 1, 0, 64, 31], False), ([20, 17, 0, 1, 19], True)])
+def test_packed_documents_are_independent(seeded, lengths, padded):
     """Logits and parameter gradients of packed documents (one token, short, empty, two GDN chunks, odd)
-    equal those of each document run alone."""
+    equal those of each document run alone: with attention over the documents as a padded batch, and
+    with a dense block-diagonal mask where padding to the longest would cost more (N L^2 > T^2)."""
     config = tiny_config()
     model = Qwen3NextForCausalLM(config).double()  # float64 (the norms compute in float32)
-    lengths = [5, 1, 0, 64, 31]
     docs = [torch.randint(0, config.vocab_size, (1, n)) for n in lengths]
-    cu = torch.tensor([0, 5, 6, 6, 70, 101])
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    mask = model.model._positions_and_masks(1, sum(lengths), 0, None, None, cu, cu.device)[1]
+    assert isinstance(mask, PaddedLayout) == padded
     probe = torch.randn(1, sum(lengths), config.vocab_size, dtype=torch.float64)  # a loss that reaches every logit
     packed = model(torch.cat(docs, 1), cu_seqlens=cu).logits
     (packed * probe).sum().backward()

@@ -35,6 +35,12 @@ class PaddedLayout:
         seq = torch.searchsorted(cu[1:], t, right=True)
         return cls(index, valid, seq * L + t - cu[seq])
 
+    @property
+    def work(self) -> int:
+        """N L^2: the attention scores of the padded batch (a dense mask over the row has T^2)."""
+        N, L = self.index.shape
+        return N * L * L
+
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """x [1, T, ...] -> [N, L, ...] (padding slots as described above; zeros when T = 0)."""
         N, L = self.index.shape
