@@ -6,10 +6,11 @@ import transformers
 from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM
 
 
-def model_pair(preset: str, seed: int = 0):
-    """(config, ours, theirs): both in eval mode, transformers' holding exactly our weights."""
+def model_pair(preset: str, seed: int = 0, **overrides):
+    """(config, ours, theirs): both in eval mode, transformers' holding exactly our weights; `overrides`
+    change the preset's config fields."""
     torch.manual_seed(seed)
-    config = Qwen3NextConfig.preset(preset)
+    config = Qwen3NextConfig.preset(preset, **overrides)
     ours = Qwen3NextForCausalLM(config).eval()
     d = config.to_dict()
     d.pop("architectures"), d.pop("model_type")
