@@ -515,26 +515,8 @@ class Qwen3NextForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise as transformers does, so a fresh model trains like the reference."""
-        std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, RMSNorm):
-                module.weight.zero_()
-            elif isinstance(module, GatedRMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, GatedDeltaNet):
-                module.dt_bias.fill_(1.0)
-                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
-            elif isinstance(module, (Router, Experts)):
-                for p in module.parameters():
-                    p.normal_(0.0, std)
+            init_module(module, self.config.initializer_range)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -597,6 +579,30 @@ class Qwen3NextForCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_module(module: nn.Module, std: float) -> None:
+    """Initialise `module`'s own parameters (not its children's) as `init_weights` does, drawing from the
+    default generator in the same order (`distributed.materialize` replays it one module at a time)."""
+    if isinstance(module, (nn.Linear, nn.Conv1d)):
+        module.weight.normal_(0.0, std)
+        if module.bias is not None:
+            module.bias.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.normal_(0.0, std)
+        if module.padding_idx is not None:
+            module.weight[module.padding_idx].zero_()
+    elif isinstance(module, RMSNorm):
+        module.weight.zero_()
+    elif isinstance(module, GatedRMSNorm):
+        module.weight.fill_(1.0)
+    elif isinstance(module, GatedDeltaNet):
+        module.dt_bias.fill_(1.0)
+        module.A_log.copy_(torch.empty_like(module.A_log).uniform_(0.01, 16).log())
+    elif isinstance(module, (Router, Experts)):
+        for p in module.parameters(recurse=False):
+            p.normal_(0.0, std)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None):
