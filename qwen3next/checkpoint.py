@@ -9,6 +9,7 @@ accepts both. Multi-token-prediction weights (`mtp.*`) are skipped. Every other 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -76,15 +77,14 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def load_model(path, dtype=None, device=None):
-    """Build the model from `path/config.json` and fill it from the safetensors files, shard by shard,
+    """Build the model from `path/config.json` and fill it from the safetensors files, tensor by tensor,
     straight into `dtype` on `device` (the model is first made on the meta device, so no second copy
     of the weights is ever held). Raises CheckpointError naming every missing, unexpected or
-    mis-shaped tensor."""
+    mis-shaped tensor before any is read."""
     from .model import Qwen3NextForCausalLM
 
     path = os.fspath(path)
     config = Qwen3NextConfig.from_pretrained(path)
-    files = checkpoint_files(path)
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device if device is not None else "cpu")
     with torch.device("meta"):
@@ -93,9 +93,25 @@ def load_model(path, dtype=None, device=None):
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())
-    expert_size = config.moe_intermediate_size
+    with torch.no_grad():
+        for name, index, tensor in checkpoint_parts(path, {n: p.shape for n, p in params.items()}, config):
+            params[name][index].copy_(tensor)
+    model.eval()
+    return model
 
-    filled: dict[str, set] = defaultdict(set)  # parameter -> the parts written (whole, or (expert, proj))
+
+def checkpoint_parts(path, shapes: dict[str, torch.Size], config: Qwen3NextConfig):
+    """Yield (parameter name, index, tensor) for every tensor of the checkpoint at `path`, read one at a
+    time, grouped by parameter in the order of `shapes` (parameter name -> shape): the tensor is
+    `parameter[index]` (index () for a whole parameter; an expert's row or its gate / up half of a
+    stacked experts parameter). The files are matched against `shapes` first, from their headers:
+    CheckpointError naming every missing, unexpected or mis-shaped tensor before any is read.
+    Multi-token-prediction tensors (`mtp.*`) are skipped with a warning."""
+    path = os.fspath(path)
+    files = checkpoint_files(path)
+    expert_size = config.moe_intermediate_size
+    halves = {"gate_proj": slice(0, expert_size), "up_proj": slice(expert_size, 2 * expert_size)}
+    plan: dict[str, list] = defaultdict(list)  # parameter -> [(index, part, file, key)]
     unexpected, misshaped, skipped_mtp = [], [], 0
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -107,47 +123,43 @@ def load_model(path, dtype=None, device=None):
                 if m:
                     prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
                     name = f"{prefix}.down_proj" if proj == "down_proj" else f"{prefix}.gate_up_proj"
-                    if name not in params or e >= params[name].shape[0]:
+                    index, part = ((e,) if proj == "down_proj" else (e, halves[proj])), (e, proj)
+                    if name not in shapes or e >= shapes[name][0]:
                         unexpected.append(key)
                         continue
-                    target = params[name][e]
-                    if proj == "gate_proj":
-                        target = target[:expert_size]
-                    elif proj == "up_proj":
-                        target = target[expert_size:]
-                    part = (e, proj)
                 else:
-                    name, part = key, "all"
-                    if name not in params:
+                    name, index, part = key, (), "all"
+                    if name not in shapes:
                         unexpected.append(key)
                         continue
-                    target = params[name]
-                tensor = f.get_tensor(key)
-                if tuple(tensor.shape) != tuple(target.shape):
-                    misshaped.append(f"{key}: file {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                want = tuple(torch.empty(shapes[name], device="meta")[index].shape)
+                got = tuple(f.get_slice(key).get_shape())
+                if got != want:
+                    misshaped.append(f"{key}: file {got}, model {want}")
                     continue
-                with torch.no_grad():
-                    target.copy_(tensor)
-                filled[name].add(part)
+                plan[name].append((index, part, file, key))
     if skipped_mtp:
-        warnings.warn(f"skipped {skipped_mtp} multi-token-prediction tensors (mtp.*): not used by this model", stacklevel=2)
+        warnings.warn(f"skipped {skipped_mtp} multi-token-prediction tensors (mtp.*): not used by this model", stacklevel=3)
 
     missing = []
-    for name, p in params.items():
+    for name, shape in shapes.items():
         if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
             projs = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
-            if "all" not in filled[name]:
-                missing += [
-                    f"{name.rsplit('.', 1)[0]}.{e}.{proj}.weight"
-                    for e in range(p.shape[0]) for proj in projs if (e, proj) not in filled[name]
-                ]
-        elif not filled[name] and not (name == "lm_head.weight" and config.tie_word_embeddings):
+            found = {part for _, part, _, _ in plan[name]}
+            if "all" not in found:
+                missing += [f"{name.rsplit('.', 1)[0]}.{e}.{proj}.weight"
+                            for e in range(shape[0]) for proj in projs if (e, proj) not in found]
+        elif not plan[name] and not (name == "lm_head.weight" and config.tie_word_embeddings):
             missing.append(name)
     if missing or unexpected or misshaped:
         raise CheckpointError(f"checkpoint {path} does not match its config:" + _listing(
             ("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)))
-    model.eval()
-    return model
+
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, framework="pt", device="cpu")) for file in files}
+        for name in shapes:
+            for index, _, file, key in plan[name]:
+                yield name, index, handles[file].get_tensor(key)
 
 
 def _listing(*groups) -> str:
