@@ -124,6 +124,14 @@ def _decay_matrix(c, causal):
     return tl.where(causal, tl.exp(tl.where(causal, c[:, None] - c[None, :], 0.0)), 0.0)
 
 
+@triton.jit
+def _scores(qd, kd, fq, fk, c, PREC: tl.constexpr):
+    """P of a chunk [64, 64] fp32: P_ij = exp(c_i - c_j) (fq_i q_i).(fk_j k_j) for j <= i, else 0."""
+    rt = tl.arange(0, 64)
+    return tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
+        * _decay_matrix(c, rt[:, None] >= rt[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. T = (I + A)^-1 per chunk
 # ----------------------------------------------------------------------------------------------------
@@ -281,9 +289,7 @@ def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale,
     qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
     kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
     c = tl.cumsum(tl.load(g + t * HV + hv, mask=t < eos, other=0.0).to(tl.float32), 0)
-    s = tl.dot(qd, tl.trans(kd), input_precision=PREC) \
-        * ((_row_factor(qd, L2NORM) * scale)[:, None] * _row_factor(kd, L2NORM)[None, :]) \
-        * _decay_matrix(c, rt[:, None] >= rt[None, :])
+    s = _scores(qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), c, PREC)
     _tile_store(p, bos, L, hv, HV, 64, r0, 0, 64, 64, s)
 
 
@@ -330,8 +336,7 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
         if PRE_P:
             p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
         else:
-            p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
-                * _decay_matrix(c, rt[:, None] >= rt[None, :])
+            p = _scores(qd, kd, fq, fk, c, PREC)
         ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
             + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
         _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
@@ -381,8 +386,7 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
         if PRE_P:
             p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
         else:
-            p = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :]) \
-                * _decay_matrix(c, rt[:, None] >= rt[None, :])
+            p = _scores(qd, kd, fq, fk, c, PREC)
         dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
             + (tl.exp(c_last - c) * fk)[:, None] * tl.dot(kd, dS.to(dt), input_precision=PREC)
         y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
@@ -420,8 +424,7 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
     gam = tl.exp(c)
     e = tl.exp(c_last - c)
-    pd = (tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :])
-          * _decay_matrix(c, rt[:, None] >= rt[None, :])).to(dt)                       # P, normalised q and k
+    pd = _scores(qd, kd, fq, fk, c, PREC).to(dt)                                     # P, normalised q and k
     acc_q = tl.zeros([64, BK], dtype=tl.float32)      # exp(c) * (dO S^T)
     acc_k = tl.zeros([64, BK], dtype=tl.float32)      # e * (d dS'^T) - beta exp(c) * (y S^T)
     dp = tl.zeros([64, 64], dtype=tl.float32)         # dO d^T
