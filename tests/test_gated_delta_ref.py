@@ -1,6 +1,8 @@
 """Reference gated delta rule: chunked and recurrent forms against an independent float64 loop, with
 initial/final state, GVA, odd lengths and varlen packing; plus the other reference ops' contracts."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +95,27 @@ def test_varlen_equals_each_sequence_alone(form, seeded):
     loss.backward()
     for a, b in zip(packed, alone):
         assert rel_err(a.grad, b.grad) < 1e-5
+
+
+@pytest.mark.parametrize("lengths", [[3, 5, 4], [200, 3, 0, 5, 1, 4, 2]])
+def test_varlen_pads_sequences_of_similar_length_together(lengths, seeded, monkeypatch):
+    """One long sequence among short ones does not pad them all to its length: the padded batches hold at
+    most twice the tokens (plus one slot per empty sequence), and the results equal each sequence alone."""
+    from qwen3next.ops import gated_delta
+
+    batches = []
+    inner = ops.chunk_gated_delta_rule_ref
+    monkeypatch.setattr(gated_delta, "chunk_gated_delta_rule_ref",
+                        lambda q, *a, **kw: batches.append(q.shape[:2]) or inner(q, *a, **kw))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    T = sum(lengths)
+    inputs = _inputs(1, T, 1, 2, 8, 8)[:5]
+    h0 = torch.randn(len(lengths), 2, 8, 8)
+    o, S = gated_delta.chunk_gated_delta_rule_ref(*inputs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert sum(n * L for n, L in batches[1:]) <= 2 * T + lengths.count(0)    # batches[0]: the packed call
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o1, S1 = inner(*(x[:, s:e] for x in inputs), initial_state=h0[n : n + 1], output_final_state=True)
+        assert (s == e or rel_err(o[:, s:e], o1) < 1e-5) and rel_err(S[n], S1[0]) < 1e-5
 
 
 def test_output_dtype_follows_v(seeded):

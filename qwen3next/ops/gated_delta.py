@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .norms import l2_norm_ref
-from .packing import PaddedLayout
+from .packing import PaddedLayout, length_groups
 
 
 def check_gated_delta_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
@@ -70,16 +70,29 @@ def _heads_first(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
 
 
 def _varlen(fn, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens):
-    """Run `fn` on packed sequences laid out as a padded batch [N, L]. Padding steps get g = 0 and
-    beta = 0, so they leave the state unchanged; their outputs are dropped."""
-    layout = PaddedLayout.from_offsets(cu_seqlens)
-    valid = layout.valid[..., None].to(g.dtype)
-    o, state = fn(
-        layout.pad(q), layout.pad(k), layout.pad(v), layout.pad(g) * valid, layout.pad(beta) * valid, scale=scale,
-        initial_state=initial_state, output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-    )
-    return layout.unpad(o), state
+    """Run `fn` on packed sequences laid out as padded batches [n, L], sequences of similar length together
+    (`length_groups`: padding at most doubles the work, however unequal the lengths). Padding steps get
+    g = 0 and beta = 0, so they leave the state unchanged; their outputs are dropped."""
+    cu = cu_seqlens.long()
+    starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+    groups = length_groups(lengths)
+    outs, positions, states = [], [], []
+    for group in groups:
+        layout = PaddedLayout.from_spans(starts[group], lengths[group], q.shape[1])
+        valid = layout.valid[..., None].to(g.dtype)
+        o, state = fn(
+            layout.pad(q), layout.pad(k), layout.pad(v), layout.pad(g) * valid, layout.pad(beta) * valid,
+            scale=scale, initial_state=initial_state[group] if initial_state is not None else None,
+            output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        )
+        outs.append(layout.unpad(o))
+        positions.append(layout.positions)
+        states.append(state)
+    if len(groups) == 1:  # the sequences in order: the row as it was
+        return outs[0], states[0]
+    o = torch.cat(outs, dim=1).index_select(1, torch.cat(positions).argsort())
+    state = torch.cat(states).index_select(0, torch.cat(groups).argsort()) if output_final_state else None
+    return o, state
 
 
 def recurrent_gated_delta_rule_ref(
@@ -132,7 +145,7 @@ def chunk_gated_delta_rule_ref(
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     C = chunk_size
-    pad = (-T) % C
+    pad = (-T) % C if T else C  # an empty sequence runs one chunk of padding: the state passes through
     if pad:  # padded steps: g = 0 and beta = 0 change nothing
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
