@@ -3,7 +3,8 @@
 
 Modules: dims (ParallelDims), apply (parallelize, the causal-LM forward under a layout),
 tensor_parallel, expert_parallel, context_parallel, loss, comm (collectives with their gradients),
-checkpoint (DCP save/load, Hugging Face export), plan (memory/communication estimates), launch (CLI).
+checkpoint (DCP save/load, Hugging Face export), materialize (a model built on the meta device, its
+shards filled from a seed or a checkpoint), plan (memory/communication estimates), launch (CLI).
 `parallelize` is imported on first use, so the CLI can read these flags without loading DTensor/FSDP.
 """
 

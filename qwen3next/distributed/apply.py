@@ -95,8 +95,9 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
 
     Every rank must hold the same initial weights (same seed, or the same checkpoint). Or, for a model
     larger than one device: build it on the meta device, parallelize it, then materialise only this
-    rank's shards with `model.to_empty(device=...)` followed by `model.init_weights()` or
-    `distributed.checkpoint.load(...)`. Parameters keep their names; sharded ones are DTensors.
+    rank's shards (`materialize.build_sharded`) and fill them with `materialize.fill_seeded`,
+    `materialize.fill_from_checkpoint` or `distributed.checkpoint.load(...)`. Parameters keep their
+    names; sharded ones are DTensors.
     Under FSDP (dp_shard * cp > 1) the forward computes in `param_dtype` and gradients reduce in
     `reduce_dtype` (None: the parameters' own dtype).
     With every dim 1 the model is returned untouched.
