@@ -58,9 +58,12 @@ def check_settings(settings, config, dims: ParallelDims) -> None:
         raise ConfigError("cannot train with this layout:\n  - " + "\n  - ".join(errors))
 
 
-def place_model(model, device: torch.device, dims: ParallelDims | None, compute_dtype: torch.dtype | None):
+def place_model(model, device: torch.device, dims: ParallelDims | None, compute_dtype: torch.dtype | None,
+                fill=None):
     """A float32 model on `device`, parallelized over `dims` (None: one process). A model on the meta
-    device is parallelized first and then given this rank's storage (its weights are to be loaded)."""
+    device is parallelized first, then given storage for this rank's shards only, which `fill(model)`
+    fills (`materialize.fill_seeded` or `fill_from_checkpoint`; None: the caller loads them, as a
+    resumed run does)."""
     meta = any(p.is_meta for p in model.parameters())
     model = model.to(dtype=torch.float32)
     if not meta:
@@ -69,7 +72,13 @@ def place_model(model, device: torch.device, dims: ParallelDims | None, compute_
         from .apply import parallelize
 
         model = parallelize(model, dims, param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    return model.to_empty(device=device) if meta else model
+    if meta:
+        from .materialize import materialise
+
+        model = materialise(model, device)
+        if fill is not None:
+            fill(model)
+    return model
 
 
 def shard_batch(rows: list[Row], dims: ParallelDims) -> ShardedBatch:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -43,29 +44,44 @@ def _log_to(run_dir: str, enabled: bool = True):
     return log
 
 
-def build_model(spec: str, tokenizer_spec: str | None, seed: int, aux_coef: float | None):
-    """(model, tokenizer, tokenizer spec) from a preset name (fresh weights, seeded; the built-in byte
-    tokenizer unless one is given) or a checkpoint directory (its weights and tokenizer)."""
+def build_model(spec: str, tokenizer_spec: str | None, seed: int, aux_coef: float | None, meta: bool = False):
+    """(model, tokenizer, tokenizer spec, fill) from a preset name (fresh weights, seeded; the built-in byte
+    tokenizer unless one is given) or a checkpoint directory (its weights and tokenizer). With `meta`
+    (a run under torchrun) the model is built on the meta device and `fill(model)` gives the parallelized
+    model's shards the same weights (`Trainer`'s fill), so no rank holds the whole; else fill is None."""
     from ..checkpoint import load_model
     from ..model import Qwen3NextForCausalLM
 
+    if meta:
+        from ..distributed import materialize
+    fill = None
     if spec.lower() in PRESETS:
         tokenizer_spec = tokenizer_spec or "byte"
         tokenizer = load_tokenizer(tokenizer_spec)
         config = Qwen3NextConfig.preset(spec)
         if tokenizer.eos_token_id is not None:
             config.eos_token_id = tokenizer.eos_token_id
-        torch.manual_seed(seed)
-        model = Qwen3NextForCausalLM(config)
+        if meta:
+            fill = functools.partial(materialize.fill_seeded, seed=seed)
+        else:
+            torch.manual_seed(seed)
+            model = Qwen3NextForCausalLM(config)
     elif os.path.isdir(spec):
         tokenizer_spec = tokenizer_spec or spec
         tokenizer = load_tokenizer(tokenizer_spec)
-        model = load_model(spec, dtype=torch.float32)
+        if meta:
+            config = Qwen3NextConfig.from_pretrained(spec)
+            fill = functools.partial(materialize.fill_from_checkpoint, path=spec)
+        else:
+            model = load_model(spec, dtype=torch.float32)
     else:
         raise ConfigError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    if fill is not None:
+        with torch.device("meta"):
+            model = Qwen3NextForCausalLM(config)
     if aux_coef is not None:
         model.config.router_aux_loss_coef = aux_coef
-    return model, tokenizer, tokenizer_spec
+    return model, tokenizer, tokenizer_spec, fill
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -146,13 +162,13 @@ def cmd_train(args) -> int:
                                   "or choose another --out")
             settings = TrainSettings(**given)
             settings.validate()
-            model, tokenizer, tokenizer_spec = build_model(args.config or "tiny", args.tokenizer, settings.seed,
-                                                           args.aux_coef)
+            model, tokenizer, tokenizer_spec, fill = build_model(args.config or "tiny", args.tokenizer, settings.seed,
+                                                                 args.aux_coef, meta=dims.enabled)
             corpus = Corpus([os.path.abspath(p) for p in args.data], args.include or list(DEFAULT_INCLUDE),
                             args.exclude_dir or [])
             log = _log_to(args.out, dims.is_rank0)
             trainer = Trainer(model, tokenizer, corpus, settings, args.out, device, tokenizer_spec, log=log,
-                              dims=dims)
+                              dims=dims, fill=fill)
         result = trainer.fit(progress=not args.no_progress)
     except (ConfigError, DataError, CheckpointError, TrainingError, ParallelConfigError) as e:
         rank = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
@@ -201,7 +217,7 @@ def cmd_demo(args) -> int:
     corpus = stdlib_source()
     log(f"qwen3next demo: training the 'tiny' preset from scratch on this CPU (threads: {torch.get_num_threads()}), "
         f"on the Python standard library's source ({corpus.paths[0]}), with the built-in byte-level tokenizer.")
-    model, tokenizer, spec = build_model("tiny", "byte", settings.seed, None)
+    model, tokenizer, spec, _ = build_model("tiny", "byte", settings.seed, None)
     trainer = Trainer(model, tokenizer, corpus, settings, out, "cpu", spec, log=log)
     result = trainer.fit(progress=not args.no_progress)
 

@@ -194,10 +194,12 @@ class Trainer:
     """One training run: `Trainer(model, tokenizer, corpus, settings, out_dir).fit()`, or
     `Trainer.resume(checkpoint_or_run_dir).fit()` to continue a saved run exactly. With `dims` (a
     `distributed.ParallelDims`; every rank constructs the same trainer on the same model) the model is
-    parallelized and each rank trains on its share of every batch."""
+    parallelized and each rank trains on its share of every batch. A model on the meta device (too
+    large for one device) is parallelized first and only this rank's shards are made, which
+    `fill(model)` fills (see `distributed.materialize`; `train.cli.build_model` gives both)."""
 
     def __init__(self, model, tokenizer: TextTokenizer, corpus: Corpus, settings: TrainSettings, out_dir: str,
-                 device: str | torch.device = "cpu", tokenizer_spec: str = "byte", log=None, dims=None):
+                 device: str | torch.device = "cpu", tokenizer_spec: str = "byte", log=None, dims=None, fill=None):
         settings.validate()
         config = model.config
         if settings.seq_len > config.max_position_embeddings:
@@ -214,7 +216,7 @@ class Trainer:
         self.autocast_dtype = self._autocast_dtype()
         if self.dims is not None:
             parallel.check_settings(settings, config, self.dims)
-        self.model = parallel.place_model(model, self.device, self.dims, self.autocast_dtype).train()
+        self.model = parallel.place_model(model, self.device, self.dims, self.autocast_dtype, fill).train()
         if settings.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         files = corpus.files()
