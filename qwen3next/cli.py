@@ -8,7 +8,7 @@ import sys
 import time
 
 from .config import FULL, PRESETS, Qwen3NextConfig
-from .distributed.launch import add_generation_arguments, generation_dims, parallelize_for_generation
+from .distributed.launch import add_generation_arguments, generation_dims, load_for_generation
 from .distributed.plan import add_inspect_arguments, print_plan_if_asked
 from .model import cache_bytes_per_sequence, count_parameters
 from .train.cli import add_commands as add_train_commands
@@ -94,7 +94,7 @@ def _peak_memory(device) -> str:
 def cmd_generate(args) -> int:
     import torch
 
-    from .checkpoint import CheckpointError, load_model
+    from .checkpoint import CheckpointError
     from .tokenizer import TextStreamer, Tokenizer
 
     if not os.path.isdir(args.model) or not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -121,10 +121,9 @@ def cmd_generate(args) -> int:
     dims = generation_dims(args)  # --tp/--ep under torchrun (sets this rank's CUDA device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model = load_model(args.model, dtype=args.dtype, device=device)
+        model = load_for_generation(args.model, dims, args, device)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
-    model = parallelize_for_generation(model, dims, args)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     eos = model.config.eos_token_id

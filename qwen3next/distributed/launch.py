@@ -3,9 +3,9 @@
     torchrun --nproc-per-node 4 -m qwen3next train corpus/ --out runs/a --tp 2 --dp-shard 2
     torchrun --nproc-per-node 2 -m qwen3next generate --model DIR --prompt "..." --tp 2
 
-Every rank loads the checkpoint (or builds the seeded model) and cuts its shards from it; rank 0
-prints. (Loading straight into shards on the meta device, for models larger than one device, is done
-when a training run resumes; it is not wired into fresh runs or generation yet.)
+Every rank builds the model on the meta device, parallelizes it and fills only its own shards (from the
+checkpoint, the seed of a fresh run, or a resumed run's DCP shards; `materialize.py`), so a model larger
+than one device can be trained or decoded; rank 0 prints.
 """
 
 from __future__ import annotations
@@ -49,17 +49,26 @@ def generation_dims(args) -> ParallelDims:
         raise SystemExit(f"error: {e}") from None
 
 
-def parallelize_for_generation(model, dims: ParallelDims, args):
-    """Shard a loaded model for decoding; the eager decode loop is the one that runs sharded (the static
-    and CUDA-graph loops call the layers' graph-safe steps, which are not parallelized)."""
+def load_for_generation(path, dims: ParallelDims, args, device):
+    """The checkpoint's model for decoding in `args.dtype` on `device`: loaded whole in one process;
+    under --tp/--ep built on the meta device, parallelized, and only this rank's shards read from the
+    files (`materialize`). The eager decode loop is the one that runs sharded (the static and
+    CUDA-graph loops call the layers' graph-safe steps, which are not parallelized)."""
+    from ..checkpoint import load_model, resolve_dtype
+    from ..config import Qwen3NextConfig
+
     if not dims.enabled:
-        return model
+        return load_model(path, dtype=args.dtype, device=device)
     if args.decode in ("graph", "static"):
         raise SystemExit(f"error: --decode {args.decode} runs on one device; with --tp/--ep use auto or eager")
     args.decode = "eager"
-    from .apply import parallelize
+    from .materialize import build_sharded, fill_from_checkpoint
 
+    config = Qwen3NextConfig.from_pretrained(path)
     try:
-        return parallelize(model, dims, param_dtype=None, reduce_dtype=None)
+        model = build_sharded(config, dims, device, resolve_dtype(args.dtype, config), param_dtype=None,
+                              reduce_dtype=None)
     except ParallelConfigError as e:
         raise SystemExit(f"error: {e}") from None
+    fill_from_checkpoint(model, path)
+    return model.eval()
