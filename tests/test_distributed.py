@@ -3,8 +3,9 @@
 Two spawned jobs do all the work (process start-up dominates on 2 cores, so checks share them): one
 of 4 processes (2-dim meshes, and a DCP checkpoint saved at tp2 x dp_shard2) and one of 2 processes
 (tp, ep, cp, dp_shard alone, the context-parallel gated delta rule, errors, resuming the 4-process
-checkpoint at another mesh, Hugging Face export). Each rank builds the same seeded model and its own
-one-process reference on the same global batch, and records relative errors; the tests assert them.
+checkpoint at another mesh, Hugging Face export, models built on the meta device and filled shard by
+shard). Each rank builds the same seeded model and its own one-process reference on the same global
+batch, and records relative errors; the tests assert them.
 Gradients: per tensor, max |a - b| / max(max |b|, 1% of the model's largest gradient entry), as in
 test_model_parity (A_log/dt_bias gradients cancel to ~1e-7 at initialisation).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib.util
 import json
 import os
 import socket
@@ -181,6 +183,8 @@ def _job_2(results, workdir):
     checkpoint.export_hf(model, os.path.join(workdir, "hf_tp2"), max_shard_size="200KB")
     results["generate/tp"] = _generate_check(config, model)
     results["generate/cli"] = _cli_generate(os.path.join(workdir, "hf_tp2"), "--tp", "2")
+    checkpoints = {"ours": os.path.join(workdir, "hf_tp2"), "transformers": os.path.join(workdir, "hf_transformers")}
+    _meta_checks(results, {k: v for k, v in checkpoints.items() if os.path.isdir(v)})
 
     # clear errors, raised on every rank before any work
     bad_heads = _config(linear_num_key_heads=3, linear_num_value_heads=3)
@@ -204,6 +208,49 @@ def _job_2(results, workdir):
     _train_checks(results, workdir)
 
 
+# --------------------------------------------------------------------------------------------- meta device
+META_SEED = 5
+
+
+def _meta_checks(results, checkpoints: dict):
+    """Under tp, ep and dp_shard: a model built on the meta device holds only its shards (a share of
+    the model's elements); seeded shard by shard it is, tensor for tensor, the model one process builds
+    with that seed (and the generator is left where building leaves it); filled from each checkpoint
+    ({label: directory}), it is the model one process loads, with its logits. A checkpoint of another
+    config: a clear error."""
+    from qwen3next.checkpoint import load_model
+    from qwen3next.distributed import ParallelDims
+    from qwen3next.distributed.materialize import build_sharded, fill_from_checkpoint, fill_seeded
+    from qwen3next.distributed.tensor_parallel import local
+
+    config = _config()
+    seeded = dict(_model(config, seed=META_SEED).named_parameters())
+    after = torch.rand(4)  # the generator's next draws after building the model
+    total = sum(p.numel() for p in seeded.values())
+    ids, _ = _batch(config, 0)
+    loaded = {label: load_model(path) for label, path in checkpoints.items()}
+    with torch.no_grad():
+        want = {label: m(ids).logits for label, m in loaded.items()}
+    for name in ("tp", "ep", "dp_shard"):
+        dims = ParallelDims(**LAYOUTS_2[name])
+        model = build_sharded(config, dims, "cpu", param_dtype=None, reduce_dtype=None)
+        out = {"held": sum(local(p).numel() for p in model.parameters()) / total,
+               "meta": any(local(p).is_meta for p in model.parameters())}
+        fill_seeded(model, META_SEED)
+        out["generator"] = torch.equal(torch.rand(4), after)
+        out["seeded_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p), seeded[n])]
+        for label, path in checkpoints.items():
+            fill_from_checkpoint(model, path)
+            one = dict(loaded[label].named_parameters())
+            out[f"{label}_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p), one[n])]
+            with torch.no_grad():
+                out[f"{label}_logits"] = _rel(_full(model(dims.local_batch(ids)).logits), dims.local_batch(want[label]))
+        results[f"meta/{name}"] = out
+    other = build_sharded(_config(hidden_size=32), ParallelDims(tp=2), "cpu", param_dtype=None, reduce_dtype=None)
+    results["meta/error"] = _expect_error(lambda: fill_from_checkpoint(other, checkpoints["ours"]), "does not match",
+                                          "model.embed_tokens.weight: file (257, 64), model (257, 32)")
+
+
 # --------------------------------------------------------------------------------------------- trainer
 TRAIN = dict(steps=STEPS, seq_len=24, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=1.0, eval_every=SAVE_AT,
              eval_rows=4, eval_fraction=0.3, save_every=0, log_every=SAVE_AT)  # constant lr: a shorter run is a prefix
@@ -211,6 +258,9 @@ TRAIN = dict(steps=STEPS, seq_len=24, batch_size=4, lr=3e-3, warmup=2, min_lr_ra
 # with activation checkpointing (layers recomputed in their own call's layout state)
 TRAIN_LAYOUTS = {"tp": (dict(tp=2), dict(save_every=SAVE_AT)), "dp_shard": (dict(dp_shard=2), {}),
                  "cp_ac": (dict(cp=2), dict(steps=SAVE_AT, activation_checkpointing=True))}
+# the runs whose model is built on the meta device and seeded shard by shard, as `qwen3next train` does
+# under torchrun (the cp run gets the whole seeded model and cuts its shards from it)
+TRAIN_META = ("tp", "dp_shard")
 
 
 def _write_corpus(directory) -> str:
@@ -226,12 +276,22 @@ def _write_corpus(directory) -> str:
     return str(directory)
 
 
-def _trainer(workdir, name, dims=None, **settings):
+def _trainer(workdir, name, dims=None, meta=False, **settings):
+    import functools
+
+    from qwen3next.distributed.materialize import fill_seeded
+    from qwen3next.model import Qwen3NextForCausalLM
     from qwen3next.train import ByteTokenizer, Corpus, Trainer, TrainSettings
 
     config = _config()
-    return Trainer(_model(config), ByteTokenizer(), Corpus([os.path.join(workdir, "corpus")]),
-                   TrainSettings(**{**TRAIN, **settings}), os.path.join(workdir, name), dims=dims)
+    if meta:
+        with torch.device("meta"):
+            model = Qwen3NextForCausalLM(config)
+        fill = functools.partial(fill_seeded, seed=0)  # _model's seed
+    else:
+        model, fill = _model(config), None
+    return Trainer(model, ByteTokenizer(), Corpus([os.path.join(workdir, "corpus")]),
+                   TrainSettings(**{**TRAIN, **settings}), os.path.join(workdir, name), dims=dims, fill=fill)
 
 
 def _train_checks(results, workdir):
@@ -252,15 +312,15 @@ def _train_checks(results, workdir):
     rank = torch.distributed.get_rank()
     results["train/one"] = fit(_trainer(workdir, f"train_one_rank{rank}"))
     for name, (layout, settings) in TRAIN_LAYOUTS.items():
-        results[f"train/{name}"] = fit(_trainer(workdir, f"train_{name}", ParallelDims(**layout), **settings))
+        results[f"train/{name}"] = fit(_trainer(workdir, f"train_{name}", ParallelDims(**layout), name in TRAIN_META,
+                                                **settings))
     resumed = Trainer.resume(os.path.join(workdir, "train_tp", "checkpoints", f"step-{SAVE_AT:06d}"),
                              out_dir=os.path.join(workdir, "train_resumed"), dims=ParallelDims(dp_shard=2))
     results["train/resumed_step"] = resumed.step
     results["train/resumed"] = fit(resumed)
 
     corpus = os.path.join(workdir, "corpus")
-    flags = ["--steps", "2", "--seq-len", "24", "--batch-size", "4", "--eval-every", "1", "--eval-fraction", "0.3",
-             "--eval-rows", "4", "--no-progress", "--config", os.path.join(workdir, "hf_tp2"), "--tokenizer", "byte"]
+    flags = _cli_flags(workdir)
 
     def cli(*args):
         err = io.StringIO()
@@ -275,6 +335,12 @@ def _train_checks(results, workdir):
                                "--batch-size", "3")
     results["cli/cp_short"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--cp", "2",
                                   "--seq-len", "4")
+
+
+def _cli_flags(workdir) -> list[str]:
+    """`qwen3next train` settings of a 2-step fine-tune of the exported tp=2 checkpoint."""
+    return ["--steps", "2", "--seq-len", "24", "--batch-size", "4", "--eval-every", "1", "--eval-fraction", "0.3",
+            "--eval-rows", "4", "--no-progress", "--config", os.path.join(workdir, "hf_tp2"), "--tokenizer", "byte"]
 
 
 def _generate_check(config, model):
@@ -386,7 +452,17 @@ def four(workdir):
 @pytest.fixture(scope="module")
 def two(workdir, four):  # resumes the checkpoint the 4-process job saved
     _write_corpus(os.path.join(workdir, "corpus"))
+    _write_transformers_checkpoint(os.path.join(workdir, "hf_transformers"))
     return _run_job("2", workdir)
+
+
+def _write_transformers_checkpoint(directory) -> None:
+    """A checkpoint that transformers writes (per-expert keys, several shards), when it is installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from conftest import hf_twin
+
+    hf_twin(_model(_config(), seed=4)).save_pretrained(directory, max_shard_size="200KB")
 
 
 def _worst(ranks, key):
@@ -477,6 +553,22 @@ def test_greedy_generate_under_tp_matches_one_process(two, workdir):
     assert two[0]["generate/cli"] == alone and two[1]["generate/cli"] == ""
 
 
+def test_meta_device_model_is_one_process_model(two):
+    """Under tp, ep and dp_shard a model built on the meta device and filled shard by shard holds a
+    share of the model only; seeded, every tensor is the one-process model's and the generator goes on
+    as after building it; filled from our and transformers' checkpoints (several shards, per-expert
+    keys), every tensor is what one process loads and the logits are its logits."""
+    labels = ["ours"] + (["transformers"] if importlib.util.find_spec("transformers") else [])
+    for r in two:
+        for name in ("tp", "ep", "dp_shard"):
+            out = r[f"meta/{name}"]
+            assert not out["meta"] and out["held"] < 0.75, (name, out["held"])  # the whole model: 1
+            assert out["generator"] and out["seeded_differ"] == [], (name, out)
+            for label in labels:
+                assert out[f"{label}_differ"] == [] and out[f"{label}_logits"] <= TOL, (name, label, out)
+        assert r["meta/error"] == "ok", r["meta/error"]
+
+
 def test_bad_inputs_get_clear_errors(two):
     for r in two:
         for name in ("tp_heads", "ep_experts", "world", "dims", "cp_short", "ckpt_config"):
@@ -503,7 +595,8 @@ def _curve_error(got: list[dict], want: list[dict]) -> float:
 def test_trainer_follows_one_process(two, name):
     """`Trainer` under tp=2, dp_shard=2 (FSDP) and cp=2 (with activation checkpointing), on the same
     global batches of packed documents (rows of one document and rows of several): every rank sees
-    one process's loss, aux loss, gradient norm (clipping over the shards) and held-out loss."""
+    one process's loss, aux loss, gradient norm (clipping over the shards) and held-out loss. The tp
+    and dp_shard runs start from a model built on the meta device and seeded shard by shard."""
     one = two[0]["train/one"]["rows"]
     assert one[-1]["loss"] < one[0]["loss"] - 1.0  # it learns: the curves are not flat lines
     steps = TRAIN_LAYOUTS[name][1].get("steps", STEPS)
@@ -550,7 +643,8 @@ def test_rank0_alone_writes_the_run_files(two, workdir):
 
 
 def test_train_command_with_layout_flags(two, workdir, capsys):
-    """`qwen3next train ... --ep 2` (as under torchrun: fine-tuning the exported checkpoint), then
+    """`qwen3next train ... --ep 2` (as under torchrun: fine-tuning the exported checkpoint, each rank
+    reading its shards into a model built on the meta device) has one process's losses; then
     `--resume ... --tp 2`; rank 0 alone logs. Clear errors for a layout that does not fit the world,
     the batch or the rows, and for flags without torchrun."""
     from qwen3next.cli import main
@@ -563,12 +657,32 @@ def test_train_command_with_layout_flags(two, workdir, capsys):
         assert r["cli/cp_short"][0] == 2 and "slices of 2 tokens" in r["cli/cp_short"][1]
     run = os.path.join(workdir, "cli_run")
     assert [row["step"] for row in read_metrics(run)] == [0, 1, 2, 3]
+    one = os.path.join(workdir, "cli_one")
+    assert main(["train", os.path.join(workdir, "corpus"), *_cli_flags(workdir), "--out", one]) == 0
+    assert _curve_error(read_metrics(run)[:3], read_metrics(one)) <= 1e-5
     with open(os.path.join(run, "train.log")) as f:
         lines = f.read().splitlines()
     assert sum(line.startswith("training ") for line in lines) == 2  # the run and its resumption, once each
     assert sum(line.startswith("resuming from step 2") for line in lines) == 1
     assert main(["train", os.path.join(workdir, "corpus"), "--out", os.path.join(workdir, "cli_alone"), "--tp", "2"]) == 2
     assert "launch with torchrun --nproc-per-node 2" in capsys.readouterr().err
+
+
+def test_train_command_builds_on_the_meta_device(tmp_path):
+    """Under torchrun `qwen3next train` builds its model on the meta device (no parameter storage) and
+    fills it once it is placed: the same weights as the one-process build, for a preset (seeded) and
+    for a checkpoint directory."""
+    from qwen3next.distributed.training import place_model
+    from qwen3next.train.cli import build_model
+
+    _model(_config(), seed=2).save_pretrained(tmp_path)
+    for spec in ("tiny", str(tmp_path)):
+        whole, _, _, none = build_model(spec, "byte", 3, None)
+        meta, _, _, fill = build_model(spec, "byte", 3, None, meta=True)
+        assert none is None and all(p.is_meta for p in meta.parameters())
+        placed = place_model(meta, torch.device("cpu"), None, None, fill)
+        want = whole.state_dict()
+        assert [k for k, t in placed.state_dict().items() if not torch.equal(t, want[k])] == []
 
 
 def test_batches_are_dealt_out_in_the_same_number_of_calls():
