@@ -16,6 +16,7 @@ from qwen3next import ops
 from qwen3next.ops.moe import check_route_inputs, moe_experts_grouped, moe_experts_ref, route_ref, sort_by_expert
 
 FP32_TOL = 1e-5
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on a GPU every case runs there (the kernels too)
 
 
 def _triton_moe():
@@ -39,7 +40,7 @@ def _inputs(N, D, I, E, k, dtype=torch.float32, ids=None, seed=0):
         ids = routed
     else:
         weights = torch.rand(N, k, generator=g, dtype=dtype) + 0.1
-    return x, gate_up, down, weights, ids, torch.randn(N, D, generator=g, dtype=dtype)
+    return tuple(t.to(DEVICE) for t in (x, gate_up, down, weights, ids, torch.randn(N, D, generator=g, dtype=dtype)))
 
 
 # (N, D, I, E, k, ids or None): odd sizes, empty experts, one expert for everything, top-k = 1 and = E
@@ -83,7 +84,8 @@ def test_torch_grouped_fp64_falls_back_exactly():
     _assert_matches_reference(moe_experts_grouped, "random", torch.float64, 1e-12)
 
 
-def test_torch_backend_dispatches_to_grouped_path():
+def test_torch_backend_dispatches_to_grouped_path(monkeypatch):
+    monkeypatch.setenv("QWEN3NEXT_BACKEND", "torch")  # the default on the CPU; on a GPU it would be Triton
     args = _case("random")[:5]
     assert torch.equal(ops.moe_experts(*args), moe_experts_grouped(*args))
 
@@ -111,8 +113,8 @@ def test_triton_decode_matches_reference(name, tokens):
 def test_triton_route_matches_reference(N, E, k, norm):
     moe = _triton_moe()
     g = torch.Generator().manual_seed(N * E + k)
-    logits = torch.randn(N, E, generator=g) * 3
-    expert_grad = torch.randn(N, E, generator=g)  # d loss / d weight of (token, expert): independent of slot order
+    logits = (torch.randn(N, E, generator=g) * 3).to(DEVICE)
+    expert_grad = torch.randn(N, E, generator=g).to(DEVICE)  # d loss / d weight of (token, expert), slot-free
 
     def dense(route):
         """Slot-order-free view of a routing: dense [N, E] weights, and the logits' gradient."""
@@ -120,7 +122,7 @@ def test_triton_route_matches_reference(N, E, k, norm):
         weights, ids = route(lg, k, norm)
         assert ids.dtype == torch.int64 and weights.dtype == logits.dtype and ids.shape == (N, k)
         (grad,) = torch.autograd.grad(weights, lg, expert_grad.gather(1, ids))
-        return torch.zeros(N, E).scatter(1, ids, weights.detach()), grad
+        return torch.zeros(N, E, device=DEVICE).scatter(1, ids, weights.detach()), grad
 
     (w_got, g_got), (w_want, g_want) = dense(moe.route), dense(route_ref)
     assert rel_err(w_got, w_want) < FP32_TOL
@@ -147,7 +149,7 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("N,k,E", [(37, 3, 8), (29, 2, 16), (5, 4, 4), (1, 1, 3)])
 def test_triton_sort_matches_torch_sort(N, k, E):
     moe = _triton_moe()
-    ids = torch.randint(0, E, (N, k), generator=torch.Generator().manual_seed(N))
+    ids = torch.randint(0, E, (N, k), generator=torch.Generator().manual_seed(N)).to(DEVICE)
     ids[:, 0] = ids[:, 0] // 2 * 2  # leave some experts with few or no rows
     order, ends = moe._sort_by_expert(ids, E)
     want_order, want_ends = sort_by_expert(ids, E)

@@ -42,3 +42,9 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input_precision for operands of `dtype`: fp32 gets fp32 products ("ieee"; Triton's default
+    for fp32 is tf32), so that fp32 results match the references; bf16/fp16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"

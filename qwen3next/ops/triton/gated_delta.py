@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..gated_delta import check_gated_delta_inputs, check_pool_update_inputs, chunk_gated_delta_rule_ref
-from . import block_table, num_sms, sequence_offsets
+from . import block_table, dot_precision, num_sms, sequence_offsets
 from .norms import L2, norm_backward
 
 CHUNK = 64
@@ -541,11 +541,6 @@ def _check_kernel_inputs(q, k, v) -> None:
         raise ValueError(f"head dims above 256 are not supported (dk={q.shape[-1]}, dv={v.shape[-1]})")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get fp32 products (no tf32), so that fp32 results match the reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16), waves: float = 0.9) -> int:
     """The widest dv block that gives at least `waves` x (multiprocessors) programs: these kernels
     parallelise only over sequences x heads x dv blocks. Measured on an H100 (BENCHMARKS.md): the chunked
@@ -602,7 +597,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
     BK = max(16, triton.next_power_of_2(DK))
-    prec = _precision(q.dtype)
+    prec = dot_precision(q.dtype)
     tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
     if layout.NC:
         _chunk_inverse_kernel[(layout.NC, HV)](k, g, beta, tinv, layout.cu, layout.chunk_seq, layout.chunk_pos,
@@ -636,7 +631,7 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
     BK = max(16, triton.next_power_of_2(DK))
-    prec = _precision(q.dtype)
+    prec = dot_precision(q.dtype)
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if want_dh0 else None
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..moe import _grouped_mm_takes, check_moe_inputs, check_route_inputs
+from . import dot_precision
 
 DECODE_MAX_TOKENS = 4  # at most this many tokens (and no gradient): the GEMV decode path
 
@@ -179,7 +180,7 @@ def _grouped_gemm_kernel(
     a, b, c, h, order, scale, ends, E, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
-    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
@@ -221,10 +222,10 @@ def _grouped_gemm_kernel(
             b_mask = kmask[:, None] & nmask[None, :]
         a_tile = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b_tile = tl.load(b_ptrs, mask=b_mask, other=0.0)
-        acc = tl.dot(a_tile, b_tile, acc)
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=PREC)
         if SWIGLU:
             up_tile = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
-            acc_up = tl.dot(a_tile, up_tile, acc_up)
+            acc_up = tl.dot(a_tile, up_tile, acc_up, input_precision=PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     mask = rmask[:, None] & nmask[None, :]
@@ -247,7 +248,7 @@ def _grouped_gemm_kernel(
 def _grouped_wgrad_kernel(
     g, a, order, scale, ends, dw, N_OUT, K,
     stride_gm, stride_am, stride_we, stride_wn, stride_wk,
-    TOP_K: tl.constexpr, GATHER_G: tl.constexpr, GATHER_A: tl.constexpr, SCALE_G: tl.constexpr,
+    TOP_K: tl.constexpr, GATHER_G: tl.constexpr, GATHER_A: tl.constexpr, SCALE_G: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dW[e][n, k] = sum over expert e's sorted rows r of G[r, n] * A[r, k] (fixed row order). G's row is
@@ -287,7 +288,7 @@ def _grouped_wgrad_kernel(
             g_tile = (g_tile.to(tl.float32) * w[:, None]).to(g.dtype.element_ty)
         a_tile = tl.load(a + a_rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
-        acc = tl.dot(tl.trans(g_tile), a_tile, acc)
+        acc = tl.dot(tl.trans(g_tile), a_tile, acc, input_precision=PREC)
     out = dw + e.to(tl.int64) * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk
     tl.store(out, acc.to(dw.dtype.element_ty), mask=nmask[:, None] & kmask[None, :])
 
@@ -346,6 +347,7 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
         swiglu_up_offset or 0,
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
         SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
+        PREC=dot_precision(a.dtype),
         BLOCK_E=triton.next_power_of_2(E), **cfg)
     return out
 
@@ -358,7 +360,8 @@ def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=Fal
     _grouped_wgrad_kernel[grid](
         g, a, order, scale if scale is not None else g, ends, dw, n_out, k_dim,
         g.stride(0), a.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
-        TOP_K=top_k, GATHER_G=gather_g, GATHER_A=gather_a, SCALE_G=scale is not None, **cfg)
+        TOP_K=top_k, GATHER_G=gather_g, GATHER_A=gather_a, SCALE_G=scale is not None,
+        PREC=dot_precision(g.dtype), **cfg)
     return dw
 
 
