@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of the kernel, inference and scale-out issues, step by step, for one device
+# call (10 minutes at most: name the steps that fit). Each step's output goes to $OUT/<step>.log; its exit
+# status and last lines are printed. Wheels in .whl/ (fla-core, einops: carry them) are installed first.
+#
+#   bash benchmarks/gpu_all.sh tests train gdn          # about 7 minutes on an H100
+#   bash benchmarks/gpu_all.sh moe e2e dims1            # about 9 minutes
+# Steps: tests (the GPU tests), train (60 bf16 steps of the tiny preset), gdn, gdn-sweep, moe, e2e (slice),
+# e2e-full, dims1.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+
+run() {  # run NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: exit $?"
+    tail -n 30 "$OUT/$name.log"
+}
+
+for step in "$@"; do
+    case $step in
+        tests) run tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_triton_gdn.py \
+                   tests/test_moe_ops.py tests/test_fused_ops.py tests/test_decode.py ;;
+        train) run train 120 python3 -m qwen3next train "$STDLIB/json" "$STDLIB/email" "$STDLIB/asyncio" \
+                   --config tiny --device cuda --steps 60 --warmup 10 --seq-len 512 --batch-size 16 \
+                   --precision bf16 --eval-every 30 --log-every 20 --out "$OUT/train-run" --no-progress ;;
+        gdn) run gdn 240 python3 benchmarks/gdn_gpu.py ;;
+        gdn-sweep) run gdn-sweep 480 python3 benchmarks/gdn_gpu.py --sweep ;;
+        moe) run moe 300 python3 benchmarks/moe_gpu.py --out "$OUT" ;;
+        e2e) run e2e 300 python3 benchmarks/e2e_gpu.py --variants slice --reps 2 --steps 15 --out "$OUT" ;;
+        e2e-full) run e2e-full 480 python3 benchmarks/e2e_gpu.py --variants full --reps 2 --steps 15 --out "$OUT" ;;
+        dims1) run dims1 150 python3 benchmarks/dims1_gpu.py ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
