@@ -44,17 +44,23 @@ def _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K: tl.constexpr, HAS_INI
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, init, y, final, cu, blk_seq, blk_pos, C,
-                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     SILU: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+def _program_block(cu, blk_seq, blk_pos, C, BT: tl.constexpr, BC: tl.constexpr):
+    """This program's block: (sequence n, its first token, its length, the block's first position, positions
+    [BT], channels [BC] and their mask)."""
     pid, cb = tl.program_id(0), tl.program_id(1)
     n = tl.load(blk_seq + pid)
     p0 = tl.load(blk_pos + pid) * BT
     bos = tl.load(cu + n).to(tl.int64)
     L = tl.load(cu + n + 1).to(tl.int64) - bos
     cols = cb * BC + tl.arange(0, BC)
-    cmask = cols < C
-    pos = p0 + tl.arange(0, BT)
+    return n, bos, L, p0, p0 + tl.arange(0, BT), cols, cols < C
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, init, y, final, cu, blk_seq, blk_pos, C,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     SILU: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    n, bos, L, p0, pos, cols, cmask = _program_block(cu, blk_seq, blk_pos, C, BT, BC)
     out = _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K, HAS_INIT)
     if SILU:
         out = out * tl.sigmoid(out)
@@ -86,14 +92,7 @@ def _dpre_at(x, init, w, dy, n, bos, L, pos, cols, cmask, C, K: tl.constexpr, SI
 def _conv_bwd_kernel(x, w, init, dy, dx, dinit, dw_part, cu, blk_seq, blk_pos, C,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      SILU: tl.constexpr, HAS_INIT: tl.constexpr):
-    pid, cb = tl.program_id(0), tl.program_id(1)
-    n = tl.load(blk_seq + pid)
-    p0 = tl.load(blk_pos + pid) * BT
-    bos = tl.load(cu + n).to(tl.int64)
-    L = tl.load(cu + n + 1).to(tl.int64) - bos
-    cols = cb * BC + tl.arange(0, BC)
-    cmask = cols < C
-    pos = p0 + tl.arange(0, BT)
+    n, bos, L, p0, pos, cols, cmask = _program_block(cu, blk_seq, blk_pos, C, BT, BC)
     # dx[t] = sum_i w_i dpre[t + K-1-i]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for i in tl.static_range(K):
@@ -105,7 +104,7 @@ def _conv_bwd_kernel(x, w, init, dy, dx, dinit, dw_part, cu, blk_seq, blk_pos, C
     dpre = _dpre_at(x, init, w, dy, n, bos, L, pos, cols, cmask, C, K, SILU, HAS_INIT)
     for i in tl.static_range(K):
         xi = _x_at(x, init, n, bos, L, pos - (K - 1) + i, cols, cmask, C, K - 1, HAS_INIT)
-        tl.store(dw_part + (pid * C + cols) * K + i, tl.sum(dpre * xi, 0), mask=cmask)
+        tl.store(dw_part + (tl.program_id(0) * C + cols) * K + i, tl.sum(dpre * xi, 0), mask=cmask)
     if HAS_INIT:
         if p0 == 0:  # the initial state holds positions -(K-1) .. -1: same formula as dx
             j = tl.arange(0, KP)

@@ -132,6 +132,38 @@ def _scores(qd, kd, fq, fk, c, PREC: tl.constexpr):
         * _decay_matrix(c, rt[:, None] >= rt[None, :])
 
 
+@triton.jit
+def _sequence(cu, n):
+    """(first token, end, length) of packed sequence n."""
+    bos = tl.load(cu + n).to(tl.int64)
+    eos = tl.load(cu + n + 1).to(tl.int64)
+    return bos, eos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                  HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
+    """What every chunk kernel reads of the chunk at row r0 of a sequence: q, k tiles [64, BK] as stored, their
+    row factors (q's times scale), c, c_C, beta (`_load_gates`) and T [64, 64]."""
+    t = bos + r0 + tl.arange(0, 64)
+    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    c, c_last, bb = _load_gates(g, beta, t, t < eos, hv, HV)
+    tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
+    return qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), c, c_last, bb, tb
+
+
+@triton.jit
+def _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV: tl.constexpr, PRE_P: tl.constexpr,
+                  PREC: tl.constexpr):
+    """The chunk's P: read from the scores kernel's output (PRE_P) or formed here."""
+    if PRE_P:
+        p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
+    else:
+        p = _scores(qd, kd, fq, fk, c, PREC)
+    return p
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. T = (I + A)^-1 per chunk
 # ----------------------------------------------------------------------------------------------------
@@ -186,10 +218,7 @@ def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
                           L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
     hk = hv // (HV // HK)
-    n = tl.load(chunk_seq + cid)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    L = (eos - bos).to(tl.int32)
+    bos, eos, L = _sequence(cu, tl.load(chunk_seq + cid))
     r0 = tl.load(chunk_pos + cid) * 64
     t0 = bos + r0
     # the ten k_i.k_j products of the 16-row blocks (i >= j), accumulated over dk in BKC-wide slices
@@ -279,13 +308,9 @@ def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale,
     q, k normalised and q scaled; written [tokens, Hv, 64] in the input dtype, like T."""
     cid, hv = tl.program_id(0), tl.program_id(1)
     hk = hv // (HV // HK)
-    n = tl.load(chunk_seq + cid)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    L = (eos - bos).to(tl.int32)
+    bos, eos, L = _sequence(cu, tl.load(chunk_seq + cid))
     r0 = tl.load(chunk_pos + cid) * 64
-    rt = tl.arange(0, 64)
-    t = bos + r0 + rt
+    t = bos + r0 + tl.arange(0, 64)
     qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
     kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
     c = tl.cumsum(tl.load(g + t * HV + hv, mask=t < eos, other=0.0).to(tl.float32), 0)
@@ -305,12 +330,9 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
                       PREC: tl.constexpr):
     iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = hv // (HV // HK)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    L = (eos - bos).to(tl.int32)
+    bos, eos, L = _sequence(cu, n)
     coff = tl.load(chunk_off + n).to(tl.int64)
     v0 = iv * BV
-    rt = tl.arange(0, 64)
     dt = q.dtype.element_ty
     if HAS_H0:
         S = _state_load(h0, n, hv, HV, DK, DV, v0, BK, BV).to(tl.float32)
@@ -318,25 +340,16 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for ci in range(tl.cdiv(L, 64)):
         r0 = ci * 64
-        t = bos + r0 + rt
-        tm = t < eos
         if STORE_HS:
             _state_store(hs, coff + ci, hv, HV, DK, DV, v0, BK, BV, S.to(hs.dtype.element_ty))
-        qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
-        kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-        fq = _row_factor(qd, L2NORM) * scale
-        fk = _row_factor(kd, L2NORM)
+        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                                                          HK, HV, DK, BK, L2NORM)
         vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
-        c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-        tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
         gam = tl.exp(c)
         sd = S.to(dt)
         ks = tl.dot(kd, sd, input_precision=PREC)
         df = tl.dot(tb, (bb[:, None] * (vb - (gam * fk)[:, None] * ks)).to(dt), input_precision=PREC)
-        if PRE_P:
-            p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
-        else:
-            p = _scores(qd, kd, fq, fk, c, PREC)
+        p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
         ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
             + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
         _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
@@ -357,12 +370,9 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
                             STORE_DH0: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr):
     iv, hv, n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = hv // (HV // HK)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    L = (eos - bos).to(tl.int32)
+    bos, eos, L = _sequence(cu, n)
     coff = tl.load(chunk_off + n).to(tl.int64)
     v0 = iv * BV
-    rt = tl.arange(0, 64)
     dt = q.dtype.element_ty
     if HAS_DHT:
         dS = _state_load(dht, n, hv, HV, DK, DV, v0, BK, BV).to(tl.float32)
@@ -373,20 +383,11 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
         ci = nc - 1 - i
         r0 = ci * 64
         _state_store(dhs, coff + ci, hv, HV, DK, DV, v0, BK, BV, dS.to(dhs.dtype.element_ty))
-        t = bos + r0 + rt
-        tm = t < eos
-        qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
-        kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-        fq = _row_factor(qd, L2NORM) * scale
-        fk = _row_factor(kd, L2NORM)
-        c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-        tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                                                          HK, HV, DK, BK, L2NORM)
         dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
         gam = tl.exp(c)
-        if PRE_P:
-            p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
-        else:
-            p = _scores(qd, kd, fq, fk, c, PREC)
+        p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
         dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
             + (tl.exp(c_last - c) * fk)[:, None] * tl.dot(kd, dS.to(dt), input_precision=PREC)
         y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
@@ -407,21 +408,14 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
     hk = hv // (HV // HK)
-    n = tl.load(chunk_seq + cid)
-    bos = tl.load(cu + n).to(tl.int64)
-    eos = tl.load(cu + n + 1).to(tl.int64)
-    L = (eos - bos).to(tl.int32)
+    bos, eos, L = _sequence(cu, tl.load(chunk_seq + cid))
     rt = tl.arange(0, 64)
     r0 = tl.load(chunk_pos + cid) * 64
     t = bos + r0 + rt
     tm = t < eos
     dt = q.dtype.element_ty
-    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    fq = _row_factor(qd, L2NORM) * scale
-    fk = _row_factor(kd, L2NORM)
-    c, c_last, bb = _load_gates(g, beta, t, tm, hv, HV)
-    tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
+    qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                                                      HK, HV, DK, BK, L2NORM)
     gam = tl.exp(c)
     e = tl.exp(c_last - c)
     pd = _scores(qd, kd, fq, fk, c, PREC).to(dt)                                     # P, normalised q and k

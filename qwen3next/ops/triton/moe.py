@@ -176,6 +176,26 @@ def _tile_segment(ends, E, pid_m, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _pairs(order, rows, rmask, LOAD: tl.constexpr):
+    """The flat (token, slot) pair of each sorted row, from `order` (LOAD), else the row index itself."""
+    if LOAD:
+        pair = tl.load(order + rows, mask=rmask, other=0)
+    else:
+        pair = rows.to(tl.int64)
+    return pair
+
+
+@triton.jit
+def _operand_rows(pair, rows, TOP_K: tl.constexpr, GATHER: tl.constexpr):
+    """The operand row a sorted row reads: its token's (GATHER: pair // k) or its own."""
+    if GATHER:
+        src = pair // TOP_K
+    else:
+        src = rows.to(tl.int64)
+    return src
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a, b, c, h, order, scale, ends, E, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
@@ -197,14 +217,8 @@ def _grouped_gemm_kernel(
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
-    if GATHER_A or SCATTER_C or SCALE:
-        pair = tl.load(order + rows, mask=rmask, other=0)
-    else:
-        pair = rows.to(tl.int64)
-    if GATHER_A:
-        a_rows = pair // TOP_K
-    else:
-        a_rows = rows.to(tl.int64)
+    pair = _pairs(order, rows, rmask, GATHER_A or SCATTER_C or SCALE)
+    a_rows = _operand_rows(pair, rows, TOP_K, GATHER_A)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < N_OUT
     ks = tl.arange(0, BLOCK_K)
@@ -269,18 +283,9 @@ def _grouped_wgrad_kernel(
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < end
-        if GATHER_G or GATHER_A or SCALE_G:
-            pair = tl.load(order + rows, mask=rmask, other=0)
-        else:
-            pair = rows.to(tl.int64)
-        if GATHER_G:
-            g_rows = pair // TOP_K
-        else:
-            g_rows = rows.to(tl.int64)
-        if GATHER_A:
-            a_rows = pair // TOP_K
-        else:
-            a_rows = rows.to(tl.int64)
+        pair = _pairs(order, rows, rmask, GATHER_G or GATHER_A or SCALE_G)
+        g_rows = _operand_rows(pair, rows, TOP_K, GATHER_G)
+        a_rows = _operand_rows(pair, rows, TOP_K, GATHER_A)
         g_tile = tl.load(g + g_rows[:, None] * stride_gm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
                          other=0.0)
         if SCALE_G:
