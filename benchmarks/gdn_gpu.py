@@ -35,6 +35,7 @@ from qwen3next.ops.gated_delta import (  # noqa: E402
 )
 from qwen3next.ops.norms import gated_rms_norm_ref, l2_norm_ref, rms_norm_ref  # noqa: E402
 from qwen3next.ops.triton import conv as tconv  # noqa: E402
+from qwen3next.ops.triton import blocks  # noqa: E402
 from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
 from qwen3next.ops.triton import norms as tnorms  # noqa: E402
 
@@ -221,7 +222,7 @@ def sweep_part(spec):
     for j, (B, T) in enumerate(spec["shapes"]):
         if spec["pass"] == "fwd":
             q, k, v, g, beta = gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=3)
-            layout = tgd._Layout(B, T, None, q.device)
+            layout = blocks(B, T, None, tgd.CHUNK, False, q.device)
             ins = (q.view(B * T, HK, D), k.view(B * T, HK, D), v.view(B * T, HV, D), g.view(B * T, HV),
                    beta.view(B * T, HV))
         else:

@@ -9,32 +9,49 @@ Import these through `qwen3next.ops`, which picks the backend; this package need
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def sequence_offsets(B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, list[int]]:
-    """The kernels see every input as one packed row of tokens: return (offsets [N+1] int32 on `device`,
-    the same offsets as a Python list). Without `cu_seqlens`, row b of a [B, T, ...] batch is sequence b."""
+@dataclass(frozen=True)
+class Blocks:
+    """Where the sequences and their `block`-token blocks lie in the packed token row that the kernels see:
+    cu [N+1] int32 (sequence offsets, on the device), offsets (the same as a Python list), seq and pos [NB]
+    int32 (each block's sequence and index within it, sequence by sequence), first [N+1] int32 (the first
+    block of each sequence: cumulative counts), N and NB."""
+
+    cu: torch.Tensor
+    offsets: list[int]
+    seq: torch.Tensor
+    pos: torch.Tensor
+    first: torch.Tensor
+    N: int
+    NB: int
+
+
+def blocks(B: int, T: int, cu_seqlens: torch.Tensor | None, block: int, at_least_one: bool, device) -> Blocks:
+    """`Blocks` of a [B, T, ...] batch (row b is sequence b: built on the device, no host round trip before the
+    launches) or of the sequences that `cu_seqlens` packs into one row (from their offsets on the host). With
+    `at_least_one`, an empty sequence gets one (empty) block, so a kernel still visits it."""
     if cu_seqlens is None:
-        offsets = list(range(0, B * T + 1, T)) if T > 0 else [0] * (B + 1)
-        return torch.tensor(offsets, dtype=torch.int32, device=device), offsets
+        per = max(-(-T // block), 1 if at_least_one else 0)
+        rows = torch.arange(B + 1, device=device, dtype=torch.int32)
+        ids = torch.arange(B * per, device=device, dtype=torch.int32)
+        return Blocks(rows * T, [b * T for b in range(B + 1)], ids // max(per, 1), ids % max(per, 1), rows * per,
+                      B, B * per)
     offsets = cu_seqlens.tolist()
-    return cu_seqlens.to(device=device, dtype=torch.int32), offsets
-
-
-def block_table(offsets: list[int], block: int, at_least_one: bool, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Enumerate the `block`-token blocks of every sequence, sequence by sequence: returns (sequence index
-    [NB] int32, block index within its sequence [NB] int32, NB). With `at_least_one`, an empty sequence gets
-    one (empty) block, so a kernel still visits it."""
-    seq, pos = [], []
-    for n in range(len(offsets) - 1):
-        nb = -(-(offsets[n + 1] - offsets[n]) // block)
-        if at_least_one:
-            nb = max(nb, 1)
-        seq.extend([n] * nb)
-        pos.extend(range(nb))
+    counts = [-(-(end - start) // block) for start, end in zip(offsets[:-1], offsets[1:])]
+    if at_least_one:
+        counts = [max(c, 1) for c in counts]
+    seq = [n for n, c in enumerate(counts) for _ in range(c)]
+    pos = [i for c in counts for i in range(c)]
+    first = [0]
+    for c in counts:
+        first.append(first[-1] + c)
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-    return as_tensor(seq), as_tensor(pos), len(seq)
+    return Blocks(cu_seqlens.to(device=device, dtype=torch.int32), offsets, as_tensor(seq), as_tensor(pos),
+                  as_tensor(first), len(counts), len(seq))
 
 
 def num_sms(device: torch.device) -> int:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block_table, sequence_offsets
+from . import blocks
 
 BT = 64
 
@@ -127,9 +127,8 @@ class _CausalConv1d(torch.autograd.Function):
     def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, silu):
         B, T, C = x.shape
         K = weight.shape[1]
-        cu, offsets = sequence_offsets(B, T, cu_seqlens, x.device)
-        N = len(offsets) - 1
-        blk_seq, blk_pos, nb = block_table(offsets, BT, True, x.device)
+        layout = blocks(B, T, cu_seqlens, BT, True, x.device)
+        cu, offsets, N, blk_seq, blk_pos, nb = layout.cu, layout.offsets, layout.N, layout.seq, layout.pos, layout.NB
         xc = x.contiguous()
         wc = weight.contiguous()
         init = initial_state.contiguous() if initial_state is not None else None

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..gated_delta import check_gated_delta_inputs, check_pool_update_inputs, chunk_gated_delta_rule_ref
-from . import block_table, dot_precision, num_sms, sequence_offsets
+from . import blocks, dot_precision, num_sms
 from .norms import L2, norm_backward
 
 CHUNK = 64
@@ -563,27 +563,6 @@ class Tuning:
 TUNING = Tuning()
 
 
-class _Layout:
-    """Where the sequences and 64-step chunks lie in the packed token row."""
-
-    def __init__(self, B: int, T: int, cu_seqlens, device):
-        if cu_seqlens is None:  # B sequences of T: built on the device, no host round trip before the launches
-            nc = -(-T // CHUNK)
-            rows = torch.arange(B + 1, device=device, dtype=torch.int32)
-            chunks = torch.arange(B * nc, device=device, dtype=torch.int32)
-            self.N, self.NC, self.cu, self.chunk_off = B, B * nc, rows * T, rows * nc
-            self.chunk_seq, self.chunk_pos = chunks // max(nc, 1), chunks % max(nc, 1)
-            return
-        self.cu, offsets = sequence_offsets(B, T, cu_seqlens, device)
-        self.N = len(offsets) - 1
-        self.chunk_seq, self.chunk_pos, self.NC = block_table(offsets, CHUNK, False, device)
-        counts = [-(-(offsets[n + 1] - offsets[n]) // CHUNK) for n in range(self.N)]
-        starts = [0]
-        for c in counts:
-            starts.append(starts[-1] + c)
-        self.chunk_off = torch.tensor(starts, dtype=torch.int32, device=device)
-
-
 def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, tuning=None):
     """Kernels 1 and 2 on packed, contiguous inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv], g, beta
     [tokens, Hv] fp32. Returns (o, final state or None, T, P or None, chunk-start states or None)."""
@@ -593,8 +572,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     BK = max(16, triton.next_power_of_2(DK))
     prec = dot_precision(q.dtype)
     tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
-    if layout.NC:
-        _chunk_inverse_kernel[(layout.NC, HV)](k, g, beta, tinv, layout.cu, layout.chunk_seq, layout.chunk_pos,
+    if layout.NB:
+        _chunk_inverse_kernel[(layout.NB, HV)](k, g, beta, tinv, layout.cu, layout.seq, layout.pos,
                                                HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
                                                num_warps=4)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
@@ -604,15 +583,15 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     pmat = None
     if pre_scores:
         pmat = torch.empty_like(tinv)
-        if layout.NC:
-            _chunk_scores_kernel[(layout.NC, HV)](q, k, g, pmat, layout.cu, layout.chunk_seq, layout.chunk_pos, scale,
+        if layout.NB:
+            _chunk_scores_kernel[(layout.NB, HV)](q, k, g, pmat, layout.cu, layout.seq, layout.pos, scale,
                                                   HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec, num_warps=4)
     o = torch.empty_like(v)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
-    hs = torch.empty(layout.NC, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
+    hs = torch.empty(layout.NB, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
     _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, v, g, beta, tinv, pmat if pmat is not None else tinv, h0 if h0 is not None else o, o,
-        ht if ht is not None else o, hs if hs is not None else o, layout.cu, layout.chunk_off, scale,
+        ht if ht is not None else o, hs if hs is not None else o, layout.cu, layout.first, scale,
         HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
         STORE_HT=output_final_state, STORE_HS=save_states, PRE_P=pmat is not None, PREC=prec,
         num_warps=tuning.warps, num_stages=tuning.stages)
@@ -631,7 +610,7 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, g, beta, tinv, pmat if pmat is not None else tinv, do, dht if dht is not None else do,
-        dh0 if dh0 is not None else do, dhs, layout.cu, layout.chunk_off, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+        dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
         BV=BV, L2NORM=l2norm, HAS_DHT=dht is not None, STORE_DH0=want_dh0, PRE_P=pmat is not None,
         PREC=prec, num_warps=tuning.warps, num_stages=tuning.stages)
     dq = torch.empty(n_tok, HV, DK, dtype=torch.float32, device=q.device)
@@ -639,10 +618,10 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     dv = torch.empty_like(v)
     dg = torch.empty(n_tok, HV, dtype=torch.float32, device=q.device)
     dbeta = torch.empty_like(dg)
-    if layout.NC:
-        _chunk_bwd_kernel[(layout.NC, HV)](
-            q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.chunk_seq,
-            layout.chunk_pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+    if layout.NB:
+        _chunk_bwd_kernel[(layout.NB, HV)](
+            q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.seq,
+            layout.pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
             BV=min(tuning.bwd_block_v, triton.next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
             num_warps=tuning.bwd_warps)
     r = HV // HK
@@ -688,7 +667,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, cu_seqlens):
         B, T, HK, DK = q.shape
         HV, DV = v.shape[2:]
-        layout = _Layout(B, T, cu_seqlens, q.device)
+        layout = blocks(B, T, cu_seqlens, CHUNK, False, q.device)
         qp, kp = q.contiguous().view(B * T, HK, DK), k.contiguous().view(B * T, HK, DK)
         vp = v.contiguous().view(B * T, HV, DV)
         gp = g.float().contiguous().view(B * T, HV)
