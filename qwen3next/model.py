@@ -403,11 +403,11 @@ class Qwen3NextModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, cu_seqlens=None):
         B, T = input_ids.shape
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.config.vocab_size}); got range "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        if input_ids.numel():
+            low, high = torch.aminmax(input_ids)
+            low, high = int(low), int(high)  # the one host round trip of the check
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got range [{low}, {high}]")
         past = cache.seq_length if cache is not None else 0
         position_ids, attn_mask, token_mask, cu_seqlens = self._positions_and_masks(
             B, T, past, attention_mask, position_ids, cu_seqlens, input_ids.device
@@ -610,9 +610,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch
     documents, a document's last token predicts nothing."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     if cu_seqlens is not None:
-        ends = cu_seqlens[1:].to(labels.device) - 1
-        targets = targets.clone()
-        targets[0, ends[ends >= 0]] = -100
+        # an empty first document gives -1: the row's last position, already -100
+        targets[0, cu_seqlens[1:].to(labels.device) - 1] = -100
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 

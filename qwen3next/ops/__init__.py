@@ -8,6 +8,7 @@ a kernel yet uses its reference on every backend.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -51,12 +52,17 @@ def backend_for(t: torch.Tensor) -> str:
     return "triton" if t.is_cuda else "torch"
 
 
+@functools.cache
+def _triton_kernel(name: str):
+    """The Triton function registered for op `name` (its module imported on first use)."""
+    module, fn = _TRITON_KERNELS[name].split(":")
+    return getattr(importlib.import_module(module, __name__), fn)
+
+
 def _dispatch(name: str, reference):
     def op(*args, **kwargs):
-        target = _TRITON_KERNELS.get(name)
-        if target is not None and backend_for(args[0]) == "triton":
-            module, fn = target.split(":")
-            return getattr(importlib.import_module(module, __name__), fn)(*args, **kwargs)
+        if name in _TRITON_KERNELS and backend_for(args[0]) == "triton":
+            return _triton_kernel(name)(*args, **kwargs)
         return reference(*args, **kwargs)
 
     op.__name__ = name
