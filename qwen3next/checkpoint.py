@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen3NextConfig
+from .files import atomic_open, atomic_write
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -213,7 +214,7 @@ def save_model(model, directory, max_shard_size: int | str = "5GB") -> None:
     weight_map, total = {}, 0
     for name, shard in zip(names, shards):
         tensors = {k: t.detach().to("cpu").contiguous() for k, t in shard}
-        _atomic(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         for k, t in tensors.items():
             weight_map[k] = name
             total += t.numel() * t.element_size()
@@ -223,7 +224,8 @@ def save_model(model, directory, max_shard_size: int | str = "5GB") -> None:
             os.remove(os.path.join(directory, stale))
     if n > 1:
         body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
-        _atomic(index, lambda tmp: _write_text(tmp, body))
+        with atomic_open(index) as f:
+            f.write(body)
     elif os.path.exists(index):
         os.remove(index)
     config = model.config
@@ -232,12 +234,3 @@ def save_model(model, directory, max_shard_size: int | str = "5GB") -> None:
     config.save_pretrained(directory)
 
 
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic(target: str, write) -> None:
-    tmp = target + ".tmp"
-    write(tmp)
-    os.replace(tmp, target)

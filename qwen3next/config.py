@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .files import atomic_open
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
 _LAYER_TYPE_ALIASES = {"linear": LINEAR, "full": FULL, LINEAR: LINEAR, FULL: FULL}
@@ -213,12 +215,9 @@ class Qwen3NextConfig:
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write `config.json` into `directory` atomically."""
         os.makedirs(directory, exist_ok=True)
-        target = os.path.join(directory, "config.json")
-        tmp = target + ".tmp"
-        with open(tmp, "w") as f:
+        with atomic_open(os.path.join(directory, "config.json")) as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, target)
 
     # ----------------------------------------------------------------------------- presets
     @classmethod

@@ -38,6 +38,8 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_open
+
 END_OF_TEXT = "<|endoftext|>"
 PIECE_CHARS = 1 << 16
 DEFAULT_INCLUDE = ("*.txt", "*.md", "*.rst", "*.py", "*.jsonl")
@@ -131,10 +133,8 @@ class ByteTokenizer:
                                       "model_max_length": 1 << 30},
         }
         for name, body in files.items():
-            target = os.path.join(directory, name)
-            with open(target + ".tmp", "w") as f:
+            with atomic_open(os.path.join(directory, name)) as f:
                 json.dump(body, f, ensure_ascii=False, indent=1)
-            os.replace(target + ".tmp", target)
 
 
 def load_tokenizer(spec: str) -> TextTokenizer:

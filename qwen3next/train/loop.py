@@ -41,6 +41,7 @@ from .. import ops
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..distributed import training as parallel
+from ..files import atomic_open, atomic_write
 from ..model import causal_lm_loss
 from .data import (
     DEFAULT_INCLUDE, Batch, DataError, PackedCorpus, ShuffledRows, TextTokenizer, list_files, load_tokenizer, make_batch,
@@ -538,11 +539,10 @@ class MetricsWriter:
         self.out_dir, self.history = out_dir, history
         self.plot_path = os.path.join(out_dir, "loss.png")
         path = os.path.join(out_dir, "metrics.csv")
-        with open(path + ".tmp", "w", newline="") as f:
+        with atomic_open(path, newline="") as f:
             writer = csv.DictWriter(f, CSV_FIELDS)
             writer.writeheader()
             writer.writerows(history)
-        os.replace(path + ".tmp", path)
         self.file = open(path, "a", newline="")
         self.csv = csv.DictWriter(self.file, CSV_FIELDS)
         try:
@@ -587,8 +587,7 @@ class MetricsWriter:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.plot_path + ".tmp.png")
-        os.replace(self.plot_path + ".tmp.png", self.plot_path)
+        atomic_write(self.plot_path, lambda tmp: fig.savefig(tmp, format="png"))
 
     def close(self) -> None:
         self.file.close()

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, load_model, save_model
 from ..config import Qwen3NextConfig
+from ..files import atomic_open
 from ..model import Qwen3NextForCausalLM
 from .data import TextTokenizer, save_tokenizer
 
@@ -58,10 +59,9 @@ def _sha256(path: str) -> str:
 
 
 def _write_json(path: str, body) -> None:
-    with open(path + ".tmp", "w") as f:
+    with atomic_open(path) as f:
         json.dump(body, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 # --------------------------------------------------------------------------------------------- optimizer
@@ -180,9 +180,8 @@ def _seal(partial: str, final: str, step: int) -> None:
 
 
 def _point_latest(root: str, name: str, keep: int) -> None:
-    with open(os.path.join(root, LATEST + ".tmp"), "w") as f:
+    with atomic_open(os.path.join(root, LATEST)) as f:
         f.write(name + "\n")
-    os.replace(os.path.join(root, LATEST + ".tmp"), os.path.join(root, LATEST))
     if keep > 0:
         complete = sorted(d for d in os.listdir(root) if d.startswith("step-") and "." not in d
                           and os.path.isfile(os.path.join(root, d, MARKER)))
