@@ -334,15 +334,15 @@ class Trainer:
             loss_sum += ce.detach() * (batch.targets / total_targets)
         clip = torch.nn.utils.clip_grad_norm_ if self.dims is None else parallel.clip_grad_norm_
         grad_norm = clip(self.model.parameters(), s.grad_clip or float("inf"))
-        loss = float(loss_sum)
+        loss, aux_loss, grad_norm = torch.stack([loss_sum, aux_sum, grad_norm.float()]).tolist()  # one host sync
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at step {self.step + 1}; lower --lr or raise --warmup")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens += sum(b.tokens for b in batches)
-        return {"loss": loss, "aux_loss": float(aux_sum) if counts is not None else None, "lr": lr,
-                "grad_norm": float(grad_norm), "routing": counts}
+        return {"loss": loss, "aux_loss": aux_loss if counts is not None else None, "lr": lr,
+                "grad_norm": grad_norm, "routing": counts}
 
     @torch.no_grad()
     def evaluate(self) -> float:
