@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM
 from qwen3next.distributed import ParallelDims, parallelize
+from timing import time_once
 
 MID = dict(num_hidden_layers=4, num_experts=64, vocab_size=32768)
 SMALL = dict(num_hidden_layers=4, vocab_size=257)
@@ -85,20 +85,6 @@ def check_outputs(plain, ours, ids, autocast: bool) -> str:
         return "logits, loss and gradients bitwise equal"
     return (f"logits/loss within {out_diff:.1e}, gradients {grad_diff:.1e} (the plain model's own rerun: "
             f"{out_noise:.1e}, {grad_noise:.1e})")
-
-
-def time_once(fn, device) -> float:
-    """Milliseconds of one fn() call (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        fn()
-        t1.record()
-        t1.synchronize()
-        return t0.elapsed_time(t1)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def main() -> None:

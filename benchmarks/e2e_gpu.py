@@ -42,6 +42,7 @@ from qwen3next.config import LINEAR
 from qwen3next.decode import StaticDecoder
 from qwen3next.generate import prefill, select_tokens
 from qwen3next.model import cache_bytes_per_sequence, count_parameters
+from timing import time_once
 
 PEAK_FLOPS, PEAK_BW = 750e12, 3.0e12
 DECODE_CONTEXT = 512
@@ -124,20 +125,7 @@ def timed(fn, device, reps: int, warmup: int = 1) -> float:
     """Median milliseconds of fn() (CUDA events on the GPU)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return statistics.median(time_once(fn, device) for _ in range(reps))
 
 
 @contextlib.contextmanager

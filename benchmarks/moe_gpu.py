@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from qwen3next import ops
 from qwen3next.ops.moe import moe_experts_grouped, moe_experts_ref, route_ref
+from timing import time_once
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
@@ -47,17 +48,7 @@ def timer(fn, device, budget_s=1.0, max_reps=30) -> float:
         fn()
     times, start = [], time.perf_counter()
     while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        if device.type == "cuda":
-            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0.record()
-            fn()
-            t1.record()
-            t1.synchronize()
-            times.append(t0.elapsed_time(t1))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn, device))
     return statistics.median(times)
 
 
