@@ -139,6 +139,14 @@ class HybridCache:
         return copy.deepcopy(self)
 
     def restore(self, snapshot: "HybridCache") -> None:
-        """Return to a snapshot's state (the snapshot stays reusable)."""
-        restored = copy.deepcopy(snapshot)
-        self.__dict__.update(restored.__dict__)
+        """Return to a snapshot's state (the snapshot stays reusable). Tensors of the snapshot's shapes are
+        copied into the existing storage, so views of this cache (`head`) and the buffers a captured CUDA
+        graph reads stay valid; after a `select` changed the batch, the snapshot's tensors are cloned in."""
+        for mine, theirs in zip(self.layers, snapshot.layers):
+            for name, value in vars(theirs).items():
+                current = getattr(mine, name)
+                if isinstance(value, torch.Tensor) and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    setattr(mine, name, value.clone() if isinstance(value, torch.Tensor) else value)
+        self.seq_length = snapshot.seq_length

@@ -106,12 +106,16 @@ def test_cache_select_and_snapshot(model):
         model(ids, cache=cache)
         saved = cache.snapshot()
         a = model(ids[:, :1], cache=cache).logits
+        storage = [t.data_ptr() for layer in cache.layers for t in layer.tensors()]
         cache.restore(saved)
+        assert [t.data_ptr() for layer in cache.layers for t in layer.tensors()] == storage  # restored in place
         b = model(ids[:, :1], cache=cache).logits
         cache.restore(saved)
         cache.select(torch.tensor([2, 0]))
         c = model(ids[[2, 0], :1], cache=cache).logits
-    assert torch.equal(a, b)
+        cache.restore(saved)  # three rows again after `select` kept two
+        d = model(ids[:, :1], cache=cache).logits
+    assert torch.equal(a, b) and torch.equal(a, d)
     assert rel_err(c, a[[2, 0]]) < 1e-6
 
 
