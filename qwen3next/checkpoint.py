@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen3NextConfig
-from .files import atomic_open, atomic_write
+from .files import atomic_open
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -194,43 +194,57 @@ def hf_state_items(model):
 
 def save_model(model, directory, max_shard_size: int | str = "5GB") -> None:
     """Write `config.json` and the weights in the Hugging Face layout (per-expert keys; shards of at
-    most `max_shard_size` plus an index when they do not fit one file). Each file is written under a
-    temporary name and renamed into place; the index and config come last, and stale shards of an
-    earlier save are removed, so a reader never sees a half-written checkpoint as complete."""
+    most `max_shard_size` plus an index when they do not fit one file): `write_hf_checkpoint`."""
+    write_hf_checkpoint(directory, hf_state_items(model), model.config, max_shard_size)
+
+
+def write_hf_checkpoint(directory, items, config: Qwen3NextConfig, max_shard_size: int | str = "5GB") -> None:
+    """Write (key, tensor) `items` in Hugging Face key order as safetensors shards of at most `max_shard_size`,
+    streaming (one shard in memory at a time), then the index (when there are several shards) and
+    `config.json` (its dtype: the first tensor's). Shards are written under temporary names and renamed
+    into place at the end, the index and config last, and stale shards of an earlier save are removed, so
+    a reader never sees a half-written checkpoint as complete."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     limit = parse_size(max_shard_size)
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for key, tensor in hf_state_items(model):
+    written: list[tuple[str, list[str]]] = []  # (temporary file, its keys)
+    pending: dict[str, torch.Tensor] = {}
+    size = total = 0
+    dtype = None
+
+    def flush():
+        tmp = os.path.join(directory, f"part-{len(written):05d}.safetensors.tmp")
+        save_file(pending, tmp, metadata={"format": "pt"})
+        written.append((tmp, list(pending)))
+
+    for key, tensor in items:
+        tensor = tensor.detach().to("cpu").contiguous()
+        dtype = dtype or tensor.dtype
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, tensor))
+        if pending and size + nbytes > limit:
+            flush()
+            pending, size = {}, 0
+        pending[key] = tensor
         size += nbytes
-    n = len(shards)
+        total += nbytes
+    flush()
+    n = len(written)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards):
-        tensors = {k: t.detach().to("cpu").contiguous() for k, t in shard}
-        atomic_write(os.path.join(directory, name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        for k, t in tensors.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-    index = os.path.join(directory, INDEX_FILE)
+    weight_map = {}
+    for (tmp, keys), name in zip(written, names):
+        os.replace(tmp, os.path.join(directory, name))
+        weight_map.update({k: name for k in keys})
     for stale in os.listdir(directory):
         if stale.startswith("model") and stale.endswith(".safetensors") and stale not in names:
             os.remove(os.path.join(directory, stale))
+    index = os.path.join(directory, INDEX_FILE)
     if n > 1:
-        body = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
         with atomic_open(index) as f:
-            f.write(body)
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
     elif os.path.exists(index):
         os.remove(index)
-    config = model.config
-    if config.dtype is None or resolve_dtype(None, config) != next(model.parameters()).dtype:
-        config = Qwen3NextConfig.from_dict({**config.to_dict(), "dtype": str(next(model.parameters()).dtype).replace("torch.", "")})
+    if dtype is not None and (config.dtype is None or resolve_dtype(None, config) != dtype):
+        config = Qwen3NextConfig.from_dict({**config.to_dict(), "dtype": str(dtype).replace("torch.", "")})
     config.save_pretrained(directory)
 
 

@@ -13,7 +13,6 @@ most `max_shard_size` as it goes, so no rank ever holds the whole model.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
@@ -23,9 +22,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
-from safetensors.torch import save_file
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE, hf_state_items, parse_size
+from ..checkpoint import hf_state_items, write_hf_checkpoint
 from ..config import Qwen3NextConfig
 from .dims import ParallelConfigError
 
@@ -133,44 +131,15 @@ class _Gathered:
 
 def export_hf(model, directory, max_shard_size: int | str = "5GB") -> None:
     """Write the Hugging Face layout (`config.json`, safetensors shards, index) from a parallelized
-    model; all ranks call it, rank 0 writes. Peak extra memory on rank 0: one parameter plus one shard."""
-    directory = os.fspath(directory)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    limit = parse_size(max_shard_size)
-    written, pending, size, weight_map, total = [], {}, 0, {}, 0
-
-    def flush():
-        nonlocal pending, size
-        name = f"part-{len(written):05d}.safetensors.tmp"
-        save_file(pending, os.path.join(directory, name), metadata={"format": "pt"})
-        written.append((name, list(pending)))
-        pending, size = {}, 0
-
-    if rank0:
-        os.makedirs(directory, exist_ok=True)
-    dtype = None
-    for key, tensor in hf_state_items(_Gathered(model)):
-        if not rank0:
-            continue
-        tensor = tensor.detach().to("cpu").contiguous()
-        dtype = tensor.dtype
-        nbytes = tensor.numel() * tensor.element_size()
-        if pending and size + nbytes > limit:
-            flush()
-        pending[key] = tensor.clone()
-        size += nbytes
-        total += nbytes
-    if rank0:
-        flush()
-        n = len(written)
-        names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for (tmp, keys), final in zip(written, names):
-            os.replace(os.path.join(directory, tmp), os.path.join(directory, final))
-            weight_map.update({k: final for k in keys})
-        if n > 1:
-            with open(os.path.join(directory, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-        config = Qwen3NextConfig.from_dict({**model.config.to_dict(), "dtype": str(dtype).replace("torch.", "")})
-        config.save_pretrained(directory)
+    model; all ranks call it (gathering is collective), rank 0 writes (`write_hf_checkpoint`). Peak extra
+    memory on rank 0: one parameter plus one shard."""
+    items = hf_state_items(_Gathered(model))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        # clones: a gathered expert's per-expert slices would otherwise keep the whole gathered tensor alive
+        write_hf_checkpoint(directory, ((key, t.detach().to("cpu").clone()) for key, t in items), model.config,
+                            max_shard_size)
+    else:
+        for _ in items:  # take part in every gather
+            pass
     if dist.is_initialized():
         dist.barrier()
