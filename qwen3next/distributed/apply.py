@@ -82,9 +82,14 @@ class ParallelCausalLMOutput(CausalLMOutput):
     terms: LossTerms | None = None
 
 
+def layout_errors(config, tp: int, ep: int) -> list[str]:
+    """Every reason `config`'s heads and experts cannot be split tp and ep ways (empty: they can)."""
+    return check_tp(config, tp, ep) + check_ep(config, ep)
+
+
 def check(config, dims: ParallelDims) -> None:
     """Raise ParallelConfigError listing every reason `config` cannot run under `dims`."""
-    errors = check_tp(config, dims.tp, dims.ep) + check_ep(config, dims.ep)
+    errors = layout_errors(config, dims.tp, dims.ep)
     if errors:
         raise ParallelConfigError(f"cannot parallelize with {dims}:\n  - " + "\n  - ".join(errors))
 

@@ -217,10 +217,9 @@ def print_plan_if_asked(config: Qwen3NextConfig, args) -> None:
     if all(v is None for v in values.values()):
         return
     lay = Layout(**{k: v for k, v in values.items() if v is not None})
-    from .expert_parallel import check_ep
-    from .tensor_parallel import check_tp
+    from .apply import layout_errors
 
-    errors = check_tp(config, lay.tp, lay.ep) + check_ep(config, lay.ep)
+    errors = layout_errors(config, lay.tp, lay.ep)
     if min(lay.dp_shard, lay.tp, lay.ep, lay.cp, lay.seq_len, lay.batch) < 1:
         errors.append("every dim, --seq-len and --batch must be >= 1")
     if errors:
