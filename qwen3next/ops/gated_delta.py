@@ -43,7 +43,7 @@ def check_gated_delta_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> int
             raise ValueError(f"cu_seqlens packs sequences into one row: batch size must be 1, got {B}")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or len(cu_seqlens) < 2:
             raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor of N+1 offsets")
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        if bool((cu_seqlens[0] != 0) | (cu_seqlens[-1] != T) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()):  # one sync
             raise ValueError(f"cu_seqlens must rise from 0 to T={T}; got {cu_seqlens.tolist()}")
         N = len(cu_seqlens) - 1
     if initial_state is not None and initial_state.shape != (N, Hv, dk, dv):
