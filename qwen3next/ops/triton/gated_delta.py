@@ -100,6 +100,17 @@ def _state_store(ptr, row, hv, HV: tl.constexpr, DK: tl.constexpr, DV: tl.conste
 
 
 @triton.jit
+def _state_or_zeros(ptr, HAS: tl.constexpr, row, hv, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, col0,
+                    BK: tl.constexpr, BV: tl.constexpr):
+    """`_state_load` in fp32 when the state is given (HAS), else zeros."""
+    if HAS:
+        s = _state_load(ptr, row, hv, HV, DK, DV, col0, BK, BV).to(tl.float32)
+    else:
+        s = tl.zeros([BK, BV], dtype=tl.float32)
+    return s
+
+
+@triton.jit
 def _row_factor(x, L2NORM: tl.constexpr):
     """Per-row factor that L2-normalises x (ones without the norm). The kernels keep q and k as loaded
     and fold these factors (and the scale) into the rows/columns of the products instead."""
@@ -334,10 +345,7 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
     coff = tl.load(chunk_off + n).to(tl.int64)
     v0 = iv * BV
     dt = q.dtype.element_ty
-    if HAS_H0:
-        S = _state_load(h0, n, hv, HV, DK, DV, v0, BK, BV).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = _state_or_zeros(h0, HAS_H0, n, hv, HV, DK, DV, v0, BK, BV)
     for ci in range(tl.cdiv(L, 64)):
         r0 = ci * 64
         if STORE_HS:
@@ -374,10 +382,7 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
     coff = tl.load(chunk_off + n).to(tl.int64)
     v0 = iv * BV
     dt = q.dtype.element_ty
-    if HAS_DHT:
-        dS = _state_load(dht, n, hv, HV, DK, DV, v0, BK, BV).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    dS = _state_or_zeros(dht, HAS_DHT, n, hv, HV, DK, DV, v0, BK, BV)
     nc = tl.cdiv(L, 64)
     for i in range(nc):
         ci = nc - 1 - i

@@ -45,14 +45,20 @@ DECODE_MAX_TOKENS = 4  # at most this many tokens (and no gradient): the GEMV de
 
 
 @triton.jit
-def _route_fwd_kernel(logits, weights, ids, E, stride_l, K: tl.constexpr, NORM: tl.constexpr,
-                      BLOCK_E: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
+def _row_softmax(logits, n, stride_l, E, BLOCK_E: tl.constexpr):
+    """(expert indices [BLOCK_E], their mask, fp32 softmax of row n of the logits over its E experts)."""
     cols = tl.arange(0, BLOCK_E)
     valid = cols < E
     z = tl.load(logits + n * stride_l + cols, mask=valid, other=-float("inf")).to(tl.float32)
     p = tl.exp(z - tl.max(z, 0))
-    p = p / tl.sum(p, 0)
+    return cols, valid, p / tl.sum(p, 0)
+
+
+@triton.jit
+def _route_fwd_kernel(logits, weights, ids, E, stride_l, K: tl.constexpr, NORM: tl.constexpr,
+                      BLOCK_E: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols, valid, p = _row_softmax(logits, n, stride_l, E, BLOCK_E)
     cand = tl.where(valid, p, -1.0)  # probabilities are >= 0: -1 marks "taken" and padding
     slot = tl.full([BLOCK_E], -1, tl.int32)
     for j in range(K):
@@ -71,11 +77,7 @@ def _route_fwd_kernel(logits, weights, ids, E, stride_l, K: tl.constexpr, NORM: 
 def _route_bwd_kernel(logits, ids, dweights, dlogits, E, stride_l, stride_dl, K: tl.constexpr,
                       NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    valid = cols < E
-    z = tl.load(logits + n * stride_l + cols, mask=valid, other=-float("inf")).to(tl.float32)
-    p = tl.exp(z - tl.max(z, 0))
-    p = p / tl.sum(p, 0)
+    cols, valid, p = _row_softmax(logits, n, stride_l, E, BLOCK_E)
     slots = tl.arange(0, BLOCK_K)
     sel = tl.load(ids + n * K + slots, mask=slots < K, other=-1)
     g = tl.load(dweights + n * K + slots, mask=slots < K, other=0.0).to(tl.float32)
