@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from . import ops
 from .config import FULL, LINEAR, Qwen3NextConfig
@@ -247,6 +247,10 @@ class GatedAttention(nn.Module):
         if packed is not None:  # the sequences as rows of a padded batch, plain causal: no [T, T] mask
             query, key, value = (packed.pad(t.transpose(1, 2)).transpose(1, 2) for t in (query, key, value))
             attn_mask = None
+        if isinstance(attn_mask, CausalBias):  # its dispatch comes before autocast's casts: make them here
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+            query, key, value = (t.to(dtype) for t in (query, key, value))
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
             dropout_p=self.dropout if self.training else 0.0, scale=self.head_dim**-0.5, enable_gqa=True,

@@ -27,6 +27,7 @@ Both layers keep their own forward: attention gets the gathered K/V through the 
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from .. import ops
 from . import comm
@@ -207,25 +208,31 @@ class ContextParallelOps:
 
 
 class _GatheredKV:
-    """Stands in for an attention layer's cache: `append` returns the whole sequence's keys and values."""
+    """Stands in for an attention layer's cache: `append` returns the keys and values of the whole sequence
+    up to position `end` (exclusive), gathered from every rank."""
 
-    def __init__(self, cp: CPRuntime):
-        self.cp = cp
+    def __init__(self, cp: CPRuntime, end: int):
+        self.cp, self.end = cp, end
 
     def append(self, key, value):
         gather = lambda t: comm.gather(t, 2, self.cp.sizes, self.cp.group, partial_consumers=True)  # noqa: E731
-        return gather(key), gather(value)
+        return gather(key)[:, :, : self.end], gather(value)[:, :, : self.end]
 
 
 def cp_attention_forward(module, inner, cp: CPRuntime, x, cos, sin, attn_mask=None, cache=None):
-    """The layer's own forward for this rank's queries against all keys and values (all-gathered along
-    the sequence), causal at the queries' global positions (and within each packed document: the
-    model's own `attn_mask` then describes this slice alone, and is replaced)."""
+    """The layer's own forward for this rank's queries against the keys and values up to the end of its
+    slice (all-gathered along the sequence). Plain sequences: causal aligned to the last key
+    (`causal_lower_right`, no mask is materialised: flash attention); packed documents: a boolean mask,
+    causal at the queries' global positions and within each document (the model's own `attn_mask`
+    describes this slice alone, and is replaced)."""
     if cache is not None or (attn_mask is not None and cp.documents is None):
         raise ValueError("context parallelism takes plain causal sequences: no attention mask or cache")
-    q_pos = torch.arange(x.shape[1], device=x.device) + cp.offset
-    mask = q_pos[:, None] >= torch.arange(sum(cp.sizes), device=x.device)[None, :]
-    if cp.documents is not None:
-        documents = cp.documents.to(x.device)
-        mask = mask & (documents[q_pos][:, None] == documents[None, :])
-    return inner(x, cos, sin, mask[None, None], _GatheredKV(cp))
+    T = x.shape[1]
+    end = cp.offset + T
+    if cp.documents is None:
+        return inner(x, cos, sin, causal_lower_right(T, end), _GatheredKV(cp, end))
+    q_pos = torch.arange(T, device=x.device) + cp.offset
+    documents = cp.documents.to(x.device)
+    causal = q_pos[:, None] >= torch.arange(end, device=x.device)[None, :]
+    mask = causal & (documents[q_pos][:, None] == documents[None, :end])
+    return inner(x, cos, sin, mask[None, None], _GatheredKV(cp, end))
