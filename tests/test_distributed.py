@@ -16,6 +16,7 @@ import copy
 import datetime
 import importlib.util
 import json
+import math
 import os
 import socket
 import traceback
@@ -220,7 +221,7 @@ def _meta_checks(results, checkpoints: dict):
     config: a clear error."""
     from qwen3next.checkpoint import load_model
     from qwen3next.distributed import ParallelDims
-    from qwen3next.distributed.materialize import build_sharded, fill_from_checkpoint, fill_seeded
+    from qwen3next.distributed.materialize import build_sharded, fill_from_checkpoint, fill_random, fill_seeded
     from qwen3next.distributed.tensor_parallel import local
 
     config = _config()
@@ -245,10 +246,27 @@ def _meta_checks(results, checkpoints: dict):
             out[f"{label}_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p), one[n])]
             with torch.no_grad():
                 out[f"{label}_logits"] = _rel(_full(model(dims.local_batch(ids)).logits), dims.local_batch(want[label]))
+        fill_random(model, META_SEED)
+        out["random_unlike_init"] = [n for n, p in model.named_parameters() if not _like_init(n, local(p), seeded[n])]
         results[f"meta/{name}"] = out
     other = build_sharded(_config(hidden_size=32), ParallelDims(tp=2), "cpu", param_dtype=None, reduce_dtype=None)
     results["meta/error"] = _expect_error(lambda: fill_from_checkpoint(other, checkpoints["ours"]), "does not match",
                                           "model.embed_tokens.weight: file (257, 64), model (257, 32)")
+
+
+def _like_init(name: str, shard: torch.Tensor, whole: torch.Tensor) -> bool:
+    """Whether a shard drawn by `fill_random` follows the initialisation of the one-process tensor `whole`:
+    finite; constant where `whole` is constant (norm weights, dt_bias); A_log = log(uniform(0.01, 16));
+    the rest spread like `whole` (std within 30%). An empty shard (FSDP's of a one-row tensor) passes."""
+    if shard.numel() == 0:
+        return True
+    if not bool(torch.isfinite(shard).all()):
+        return False
+    if bool((whole == whole.flatten()[0]).all()):
+        return bool((shard == whole.flatten()[0]).all())
+    if name.endswith("A_log"):
+        return bool(((shard >= math.log(0.01)) & (shard <= math.log(16))).all()) and shard.unique().numel() > 1
+    return abs(shard.std().item() / whole.std().item() - 1) < 0.3
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -557,13 +575,15 @@ def test_meta_device_model_is_one_process_model(two):
     """Under tp, ep and dp_shard a model built on the meta device and filled shard by shard holds a
     share of the model only; seeded, every tensor is the one-process model's and the generator goes on
     as after building it; filled from our and transformers' checkpoints (several shards, per-expert
-    keys), every tensor is what one process loads and the logits are its logits."""
+    keys), every tensor is what one process loads and the logits are its logits. Filled at random
+    (`fill_random`), every shard follows the initialisation's distributions."""
     labels = ["ours"] + (["transformers"] if importlib.util.find_spec("transformers") else [])
     for r in two:
         for name in ("tp", "ep", "dp_shard"):
             out = r[f"meta/{name}"]
             assert not out["meta"] and out["held"] < 0.75, (name, out["held"])  # the whole model: 1
             assert out["generator"] and out["seeded_differ"] == [], (name, out)
+            assert out["random_unlike_init"] == [], (name, out["random_unlike_init"])
             for label in labels:
                 assert out[f"{label}_differ"] == [] and out[f"{label}_logits"] <= TOL, (name, label, out)
         assert r["meta/error"] == "ok", r["meta/error"]
