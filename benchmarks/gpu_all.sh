@@ -5,8 +5,10 @@
 #
 #   bash benchmarks/gpu_all.sh tests train gdn          # about 7 minutes on an H100
 #   bash benchmarks/gpu_all.sh moe e2e dims1            # about 9 minutes
+#   bash benchmarks/gpu_all.sh multi-parity multi-scaling multi-80b   # on nvidia-h200-x2
 # Steps: tests (the GPU tests), train (60 bf16 steps of the tiny preset), gdn, gdn-sweep, moe, e2e (slice),
-# e2e-full, dims1.
+# e2e-full, dims1; on 2 GPUs: multi-parity, multi-scaling, multi-80b, multi-long (benchmarks/multi_gpu.py's
+# steps, each launched by torchrun on its own, so one that fails leaves the others).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -15,6 +17,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 
 run() {  # run NAME SECONDS COMMAND...
@@ -39,6 +42,9 @@ for step in "$@"; do
         e2e) run e2e 300 python3 benchmarks/e2e_gpu.py --variants slice --reps 2 --steps 15 --out "$OUT" ;;
         e2e-full) run e2e-full 480 python3 benchmarks/e2e_gpu.py --variants full --reps 2 --steps 15 --out "$OUT" ;;
         dims1) run dims1 150 python3 benchmarks/dims1_gpu.py ;;
+        multi-parity|multi-scaling|multi-80b|multi-long)
+            name=${step#multi-}
+            PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run "$step" 420 torchrun --nproc-per-node 2 benchmarks/multi_gpu.py "${name/80b/model80b}" --out "$OUT" ;;
         *) echo "unknown step $step" ;;
     esac
 done
