@@ -164,7 +164,9 @@ def _fully_shard(model, mesh, param_dtype, reduce_dtype, reshard_after_forward) 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # the root (embeddings, final norm, lm_head) stays unsharded until its backward: its output is a
+    # dataclass, which FSDP does not hook to all-gather again before the backward (torch 2.11 frees it)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # the loss is already the global mean: gradients sum over the batch ranks
