@@ -31,7 +31,7 @@ run() {  # run NAME SECONDS COMMAND...
 
 for step in "$@"; do
     case $step in
-        tests) run tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_triton_gdn.py \
+        tests) run tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE --durations=8 tests/test_triton_gdn.py \
                    tests/test_moe_ops.py tests/test_fused_ops.py tests/test_decode.py ;;
         train) run train 120 python3 -m qwen3next train "$STDLIB/json" "$STDLIB/email" "$STDLIB/asyncio" \
                    --config tiny --device cuda --steps 60 --warmup 10 --seq-len 512 --batch-size 16 \

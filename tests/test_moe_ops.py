@@ -96,6 +96,23 @@ def test_triton_grouped_matches_reference(name):
     _assert_matches_reference(moe.moe_experts, name)
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_autocast_runs_the_experts_in_its_dtype(path):
+    """Under autocast fp32 x and experts are multiplied in autocast's dtype (as its matmuls are), the result
+    comes in that dtype and the weights' gradients in fp32. (The interpreter's bf16 tl.dot is wrong: on
+    the CPU the Triton kernels run under fp16 autocast.)"""
+    fn = moe_experts_grouped if path == "torch" else _triton_moe().moe_experts
+    dtype = torch.float16 if path == "triton" and DEVICE == "cpu" else torch.bfloat16
+    x, gate_up, down, weights, ids, dout = _case("random")
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, gate_up, down)]
+    with torch.autocast(x.device.type, dtype=dtype):
+        out = fn(*leaves, weights, ids)
+    want = moe_experts_ref(*(t.to(dtype).float() for t in (x, gate_up, down)), weights, ids)
+    assert out.dtype == dtype and rel_err(out.float(), want) < 1e-2, (out.dtype, rel_err(out.float(), want))
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    assert [g.dtype for g in grads] == [torch.float32] * 3 and all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.mark.parametrize("name", ["random", "empty_experts", "topE"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_triton_decode_matches_reference(name, tokens):

@@ -41,6 +41,16 @@ def check_moe_inputs(x, gate_up, down, weights, ids) -> None:
         raise ValueError(f"x, gate_up, down must share a dtype; got {x.dtype}, {gate_up.dtype}, {down.dtype}")
 
 
+def autocast_operands(x, gate_up, down):
+    """(x, gate_up, down) in autocast's dtype where autocast is on for their device (it does not cast the
+    operands of custom ops, which would otherwise run in fp32 beside bf16 matmuls), else as given."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, gate_up, down
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), gate_up.to(dtype), down.to(dtype)
+
+
 def route_ref(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     """Softmax over all E experts (fp32), keep the top k, optionally renormalise them to sum to 1.
 
@@ -149,6 +159,7 @@ def moe_experts_grouped(
     No per-expert Python loop where `torch._grouped_mm` takes the operands; differentiable in x, gate_up,
     down and weights.
     """
+    x, gate_up, down = autocast_operands(x, gate_up, down)
     check_moe_inputs(x, gate_up, down, weights, ids)
     k = ids.shape[1]
     order, ends = sort_by_expert(ids, gate_up.shape[0])

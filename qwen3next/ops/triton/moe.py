@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..moe import _grouped_mm_takes, check_moe_inputs, check_route_inputs
+from ..moe import _grouped_mm_takes, autocast_operands, check_moe_inputs, check_route_inputs
 from . import dot_precision
 
 DECODE_MAX_TOKENS = 4  # at most this many tokens (and no gradient): the GEMV decode path
@@ -420,7 +420,7 @@ class _MoEExperts(torch.autograd.Function):
         x, gate_up, down, w_flat, order, ends, act, h = ctx.saved_tensors
         (N, k, w_dtype), (M, I), D = ctx.shape, act.shape, x.shape[1]
         need_x, need_gu, need_dn, need_w = ctx.needs_input_grad[:4]
-        dout = dout.contiguous()
+        dout = dout.to(x.dtype).contiguous()  # an fp32 gradient may reach a bf16 output
         dx = dgu = ddn = dw = None
         if need_x or need_gu or need_w:
             dn = down.stride()  # dact'[r, i] = sum_d dout[t, d] * down[e, d, i]
@@ -515,7 +515,9 @@ def _moe_decode(x, gate_up, down, weights, ids):
 
 def moe_experts(x, gate_up, down, weights, ids):
     """`moe_experts_ref`'s contract on Triton kernels. Up to DECODE_MAX_TOKENS tokens without gradients run
-    the decode kernels; everything else the grouped kernels, differentiable in x, gate_up, down, weights."""
+    the decode kernels; everything else the grouped kernels, differentiable in x, gate_up, down, weights.
+    Under autocast x and the experts run in its dtype."""
+    x, gate_up, down = autocast_operands(x, gate_up, down)
     check_moe_inputs(x, gate_up, down, weights, ids)
     x = x.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, weights))
