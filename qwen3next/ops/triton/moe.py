@@ -383,8 +383,8 @@ def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=Fal
         token = order // top_k
         if gather_g:
             g = g[token]
-        if scale is not None:
-            g = g * scale[order, None]
+        if scale is not None:  # fp32 routing weights: scaled in fp32, rounded once to the operands' dtype
+            g = (g.float() * scale[order, None].float()).to(a.dtype)
         if gather_a:
             a = a[token]
         return torch._grouped_mm(g.t(), a, offs=ends)
