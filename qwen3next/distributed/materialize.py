@@ -113,7 +113,8 @@ def fill_random(model, seed: int) -> None:
     for module in model.modules():
         params = dict(module.named_parameters(recurse=False))
         if params:
-            with swapped_parameters(module, {n: p.to_local() if isinstance(p, DTensor) else p for n, p in params.items()}):
+            shards = {n: p.to_local() if isinstance(p, DTensor) else p for n, p in params.items()}
+            with swapped_parameters(module, shards):
                 init_module(module, std)
 
 

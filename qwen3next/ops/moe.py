@@ -157,7 +157,7 @@ def moe_experts_grouped(
     """`moe_experts_ref`'s contract, sort-based: gather the rows by expert, two grouped products, scatter back.
 
     No per-expert Python loop where `torch._grouped_mm` takes the operands; differentiable in x, gate_up,
-    down and weights.
+    down and weights. Under autocast x and the experts (and so the result) are in its dtype.
     """
     x, gate_up, down = autocast_operands(x, gate_up, down)
     check_moe_inputs(x, gate_up, down, weights, ids)
