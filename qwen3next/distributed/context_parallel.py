@@ -2,9 +2,11 @@
 
 Gated DeltaNet, by state passing (no all-to-all of activations). Per value head the recurrence is
 affine in the state: S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, so a rank's whole
-segment maps its incoming state as S_out = M S_in + B (M [dk, dk], B [dk, dv]). Both come out of ONE
-run of the chunked rule on the augmented values [v | 0] (width dv + dk) from the state [0 | I]: the
-final state is [B | M], since the state's columns evolve independently. Every rank computes its
+segment maps its incoming state as S_out = M S_in + B (M [dk, dk], B [dk, dv]). The state's columns
+evolve independently, so both come out of runs of the chunked rule at the layer's own widths: B is the
+final state of a run on v from zero, M that of a run on zero values from the identity (not one run on
+[v | 0] of width dv + dk: the kernels are tuned and checked at the model's head sizes, and on Hopper with
+Triton < 3.7.1 a wider backward takes the reference path). Every rank computes its
 (M, B) at once; they are all-gathered (small matrices per head); rank r folds
 those of ranks 0..r-1 into its true initial state; then it runs the rule on its segment from that
 state. Everything is differentiable through the op itself, so the backward is exact; the gather's
@@ -131,16 +133,19 @@ def cp_gated_delta_rule(rule, cp: CPRuntime, q, k, v, g, beta, scale=None, initi
     start = v.new_zeros(n, Hv, dk, dv, dtype=state_dtype)
     if cp.rank == 0 and initial_state is not None:
         start = initial_state.to(state_dtype)
-    # this segment's map (B | M), from one run on [v | 0] starting at [start | I]; the last rank's is
-    # not needed, but computing it costs no time (the others compute theirs meanwhile) and keeps every
-    # rank's autograd graph, hence its order of collectives in the backward, the same. A sequence that
-    # does not continue (a later document, or a first one that starts here) starts from [0 | 0], M = 0.
+    # this segment's map (B | M): B from `start` on v, M from I on zero values. The last rank's is not
+    # needed, but computing it costs no time (the others compute theirs meanwhile) and keeps every rank's
+    # autograd graph, hence its order of collectives in the backward, the same. A sequence that does not
+    # continue (a later document, or a first one that starts here) starts from [0 | 0], M = 0.
     carry = torch.zeros(n, 1, 1, 1, dtype=state_dtype, device=v.device)
     carry[:first] = 1.0 if cp.continues or cp.rank == 0 else 0.0
     eye = torch.eye(dk, dtype=state_dtype, device=v.device).expand(n, Hv, dk, dk) * carry
-    _, affine = rule(q, k, torch.cat([v, v.new_zeros(B, v.shape[1], Hv, dk)], dim=-1), g, beta, scale=scale,
-                     initial_state=torch.cat([start, eye], dim=-1), output_final_state=True,
-                     use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens, **kw)
+
+    def final_state(values, state):
+        return rule(q, k, values, g, beta, scale=scale, initial_state=state, output_final_state=True,
+                    use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens, **kw)[1]
+
+    affine = torch.cat([final_state(v, start), final_state(v.new_zeros(B, v.shape[1], Hv, dk), eye)], dim=-1)
     # the map of the whole slice is that of the sequence reaching its end (its last document)
     s_in = _IncomingState.apply(affine[n - first:], start[:first], cp.group) * carry[:first]
     return rule(q, k, v, g, beta, scale=scale, initial_state=torch.cat([s_in, start[first:]]),
