@@ -126,7 +126,17 @@ class _Gathered:
 
     def items(self):
         for name, t in self._model.state_dict().items():
-            yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
+            yield name, _whole(name, t)
+
+
+def _whole(name, t):
+    """The whole tensor of a state-dict entry (a DTensor gathered). gate_up goes through its storage layout,
+    whose plain shards every torch gathers (torch 2.11's `full_tensor` rejects the strided ones)."""
+    if not isinstance(t, DTensor):
+        return t
+    if GATE_UP in name and t.dim() == 3:
+        return _storage_layout(t).full_tensor().view(t.shape)
+    return t.full_tensor()
 
 
 def export_hf(model, directory, max_shard_size: int | str = "5GB") -> None:
