@@ -67,10 +67,11 @@ def _batch(config, step, length=T):
     return ids, labels
 
 
-def _full(t):
-    from torch.distributed.tensor import DTensor
+def _full(t, name=""):
+    """The whole tensor of `t` (a DTensor gathered as `export_hf` gathers the parameter `name`)."""
+    from qwen3next.distributed.checkpoint import whole_tensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return whole_tensor(name, t)
 
 
 def _rel(a, b, floor=0.0):
@@ -117,7 +118,7 @@ def _parity(config, dims, length=T, cu_seqlens=None):
     return {
         "logits": _rel(_full(got.logits), dims.local_batch(want.logits)),
         "loss": _rel(got.loss, want.loss), "aux": _rel(got.aux_loss, want.aux_loss),
-        "grads": max(_rel(_full(p.grad), grads[n].grad, 0.01 * top) for n, p in model.named_parameters()),
+        "grads": max(_rel(_full(p.grad, n), grads[n].grad, 0.01 * top) for n, p in model.named_parameters()),
     }
 
 
@@ -242,11 +243,11 @@ def _meta_checks(results, checkpoints: dict):
                "meta": any(local(p).is_meta for p in model.parameters())}
         fill_seeded(model, META_SEED)
         out["generator"] = torch.equal(torch.rand(4), after)
-        out["seeded_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p), seeded[n])]
+        out["seeded_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p, n), seeded[n])]
         for label, path in checkpoints.items():
             fill_from_checkpoint(model, path)
             one = dict(loaded[label].named_parameters())
-            out[f"{label}_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p), one[n])]
+            out[f"{label}_differ"] = [n for n, p in model.named_parameters() if not torch.equal(_full(p, n), one[n])]
             with torch.no_grad():
                 out[f"{label}_logits"] = _rel(_full(model(dims.local_batch(ids)).logits), dims.local_batch(want[label]))
         fill_random(model, META_SEED)

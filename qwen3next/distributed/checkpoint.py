@@ -126,10 +126,10 @@ class _Gathered:
 
     def items(self):
         for name, t in self._model.state_dict().items():
-            yield name, _whole(name, t)
+            yield name, whole_tensor(name, t)
 
 
-def _whole(name, t):
+def whole_tensor(name: str, t):
     """The whole tensor of a state-dict entry (a DTensor gathered). gate_up goes through its storage layout,
     whose plain shards every torch gathers (torch 2.11's `full_tensor` rejects the strided ones)."""
     if not isinstance(t, DTensor):
