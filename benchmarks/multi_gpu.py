@@ -51,6 +51,8 @@ import torch.distributed as dist  # noqa: E402
 from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
 from qwen3next.cache import HybridCache  # noqa: E402
 from qwen3next.distributed import ParallelDims, parallelize  # noqa: E402
+from qwen3next.distributed.checkpoint import whole_tensor  # noqa: E402
+from qwen3next.distributed.comm import collective_device  # noqa: E402
 from qwen3next.distributed.materialize import build_sharded, fill_random, local_shard  # noqa: E402
 from qwen3next.distributed.tensor_parallel import local  # noqa: E402
 from qwen3next.distributed.training import clip_grad_norm_  # noqa: E402
@@ -111,19 +113,9 @@ def reset_memory(device) -> None:
 
 def worst(value: float) -> float:
     """The largest of `value` over the ranks."""
-    t = torch.tensor([value], dtype=torch.float64, device=dist_device())
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
-
-
-def dist_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def full(t):
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 # --------------------------------------------------------------------------------------------- parity
@@ -162,7 +154,7 @@ def parity_case(config, dims, bf16: bool, device, batch, cu_seqlens) -> dict:
     grads = dict(ref.named_parameters())
     top = max((p.grad.norm() if bf16 else p.grad.abs().max()).item() for p in grads.values())
     out = {
-        "logits": worst(error(full(got.logits), dims.local_batch(want.logits), bf16)),
+        "logits": worst(error(whole_tensor("logits", got.logits), dims.local_batch(want.logits), bf16)),
         "loss": worst(error(got.loss, want.loss, bf16)),
         "aux": worst(error(got.aux_loss, want.aux_loss, bf16)),
     }

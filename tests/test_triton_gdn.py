@@ -109,15 +109,15 @@ def test_reference_backward_where_the_kernel_faults(monkeypatch):
 def test_which_setups_take_the_reference_backward(monkeypatch):
     from types import SimpleNamespace
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(tgd.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(tgd, "TRITON_VERSION", (3, 6, 0))
     q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
     assert tgd._backward_kernel_faults(q, 32, 32)
     assert not tgd._backward_kernel_faults(q, 128, 128)                                   # checked on an H100
     assert not tgd._backward_kernel_faults(SimpleNamespace(**{**vars(q), "dtype": torch.float32}), 32, 32)
     assert not tgd._backward_kernel_faults(SimpleNamespace(**{**vars(q), "is_cuda": False}), 32, 32)
-    monkeypatch.setattr(tgd.triton, "__version__", "3.7.1")                              # fixed upstream
+    monkeypatch.setattr(tgd, "TRITON_VERSION", (3, 7, 1))                                # fixed upstream
     assert not tgd._backward_kernel_faults(q, 32, 32)
-    monkeypatch.setattr(tgd.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(tgd, "TRITON_VERSION", (3, 6, 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # not Hopper
     assert not tgd._backward_kernel_faults(q, 32, 32)
 

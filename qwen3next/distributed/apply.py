@@ -44,16 +44,16 @@ class Runtime:
         """`torch.utils.checkpoint`'s `context_fn`: a layer recomputed in the backward sees the state of
         the forward call it belongs to (sequence parallel or not, cp lengths and documents), not that
         of the last call (a batch may take two calls before its backward)."""
-        saved = (self.tp.sp, self.cp.sizes, self.cp.documents)
+        saved = (self.tp.sp, self.cp.sizes, self.cp.documents, self.cp.continues)
 
         @contextlib.contextmanager
         def recompute():
-            now = (self.tp.sp, self.cp.sizes, self.cp.documents)
-            self.tp.sp, self.cp.sizes, self.cp.documents = saved
+            now = (self.tp.sp, self.cp.sizes, self.cp.documents, self.cp.continues)
+            self.tp.sp, self.cp.sizes, self.cp.documents, self.cp.continues = saved
             try:
                 yield
             finally:
-                self.tp.sp, self.cp.sizes, self.cp.documents = now
+                self.tp.sp, self.cp.sizes, self.cp.documents, self.cp.continues = now
 
         return contextlib.nullcontext(), recompute()
 

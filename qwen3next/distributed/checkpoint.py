@@ -145,8 +145,8 @@ def export_hf(model, directory, max_shard_size: int | str = "5GB") -> None:
     memory on rank 0: one parameter plus one shard."""
     items = hf_state_items(_Gathered(model))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        # clones: a gathered expert's per-expert slices would otherwise keep the whole gathered tensor alive
-        write_hf_checkpoint(directory, ((key, t.detach().to("cpu").clone()) for key, t in items), model.config,
+        # copies: a gathered expert's per-expert slices would otherwise keep the whole gathered tensor alive
+        write_hf_checkpoint(directory, ((key, t.detach().to("cpu", copy=True)) for key, t in items), model.config,
                             max_shard_size)
     else:
         for _ in items:  # take part in every gather

@@ -45,6 +45,7 @@ class CPRuntime:
         self.rank = comm.group_rank(group)
         self.sizes: list[int] = []  # every rank's sequence length in the current forward call
         self.documents: torch.Tensor | None = None  # [sum(sizes)] document index per position, or None
+        self.continues = self.rank > 0  # whether this slice's first token continues the previous rank's sequence
 
     @property
     def offset(self) -> int:
@@ -54,23 +55,20 @@ class CPRuntime:
         """Set up a forward call: every rank's length, and the packed documents from the whole row's
         offsets `cu_seqlens` [N+1] (or None). Returns this slice's own offsets [n+1] (or None)."""
         self.sizes = sizes
-        if cu_seqlens is None:
-            self.documents = None
-            return None
         total, lo, hi = sum(sizes), self.offset, self.offset + sizes[self.rank]
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        if cu_seqlens is None:
+            self.documents, self.continues = None, self.rank > 0
+            return None
+        first = last = starts_here = None
+        if cu_seqlens.dim() == 1 and len(cu_seqlens):  # one host round trip for the checks and `continues`
+            first, last, starts_here = torch.stack([cu_seqlens[0], cu_seqlens[-1], (cu_seqlens == lo).any()]).tolist()
+        if first != 0 or last != total:
             raise ValueError(f"under context parallelism cu_seqlens are the offsets of the whole row (0 .. {total}; "
                              f"every cp rank passes the same); got {cu_seqlens.tolist()}")
+        self.continues = self.rank > 0 and not starts_here  # no document starts at the slice's first token
         self.documents = torch.searchsorted(cu_seqlens[1:], torch.arange(total, device=cu_seqlens.device), right=True)
         inner = cu_seqlens[(cu_seqlens > lo) & (cu_seqlens < hi)] - lo
         return torch.cat([inner.new_zeros(1), inner, inner.new_full((1,), hi - lo)])
-
-    @property
-    def continues(self) -> bool:
-        """Whether this slice's first token continues the previous rank's document (packed documents)."""
-        if self.rank == 0:
-            return False
-        return self.documents is None or bool(self.documents[self.offset] == self.documents[self.offset - 1])
 
     def tail_mask(self, n: int) -> torch.Tensor:
         """[n] 1.0 where position offset - n + j lies in this slice's first document, else 0.0."""

@@ -50,6 +50,7 @@ from . import blocks, dot_precision, num_sms
 from .norms import L2, norm_backward
 
 CHUNK = 64
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:3] if x.isdigit())
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -646,8 +647,7 @@ def _backward_kernel_faults(q: torch.Tensor, dk: int, dv: int) -> bool:
     the reference instead, so training stays correct at the other head sizes, only slower."""
     if not q.is_cuda or q.dtype == torch.float32 or (dk, dv) == (128, 128):
         return False
-    version = tuple(int(x) for x in triton.__version__.split(".")[:3] if x.isdigit())
-    return torch.cuda.get_device_capability(q.device)[0] == 9 and (3, 4) <= version < (3, 7, 1)
+    return torch.cuda.get_device_capability(q.device)[0] == 9 and (3, 4) <= TRITON_VERSION < (3, 7, 1)
 
 
 def _reference_backward(ctx, do, dht):
