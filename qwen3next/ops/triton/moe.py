@@ -413,7 +413,8 @@ class _MoEExperts(torch.autograd.Function):
         if training:
             ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, act, h)
             ctx.shape = (N, k, weights.dtype)
-        return rows.view(N, k, D).sum(1)
+        with torch.autocast(x.device.type, enabled=False):  # CUDA autocast would sum (and return) in fp32
+            return rows.view(N, k, D).sum(1)
 
     @staticmethod
     def backward(ctx, dout):
