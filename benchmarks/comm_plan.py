@@ -73,10 +73,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     print(row("Megatron TP1/PP4/EP8 (DP8)", megatron_tp1_pp4_ep8(config, S), "bf16 w, fp32 opt"))
     for lay in (Layout(dp_shard=32), Layout(dp_shard=4, ep=8), Layout(dp_shard=2, tp=2, ep=8),
+                Layout(dp_shard=32, ep=32, ep_in_dp=True), Layout(dp_shard=32, ep=8, ep_in_dp=True),
                 Layout(dp_shard=16), Layout(dp_shard=2, ep=8), Layout(dp_shard=8), Layout(ep=8)):
             print(row(str(lay), ours(config, Layout(**{**vars(lay), "seq_len": S, "recompute": True})), "fp32"))
-    for lay in (Layout(dp_shard=16), Layout(dp_shard=2, ep=8), Layout(tp=2, ep=8), Layout(dp_shard=8),
-                Layout(ep=8)):
+    for lay in (Layout(dp_shard=16), Layout(dp_shard=2, ep=8), Layout(tp=2, ep=8),
+                Layout(dp_shard=16, ep=16, ep_in_dp=True), Layout(dp_shard=8), Layout(ep=8),
+                Layout(dp_shard=8, ep=8, ep_in_dp=True)):
         print(row(str(lay), ours(config, Layout(**{**vars(lay), "seq_len": S, "recompute": True, "states": "bf16"})),
                   "bf16"))
 

@@ -6,7 +6,8 @@ torchrun on 2 processes; rank 0 prints a table per step and appends its rows to 
     torchrun --nproc-per-node 2 benchmarks/multi_gpu.py --small parity scaling long model80b   # CPU, gloo
 
 Steps:
-  parity    tp=2, ep=2, cp=2 (plain rows, and packed documents across the split), dp_shard=2 against one
+  parity    tp=2, ep=2, cp=2 (plain rows, and packed documents across the split), dp_shard=2, and ep=2
+            inside dp_shard=2 (ep_in_dp: the ep ranks each take their own rows) against one
             GPU on the same global batch, in fp32 and under bf16 autocast (fp32 weights, as training runs),
             our Triton kernels in the path: logits, loss, aux loss and every gradient (router weights 20x
             wider: see ROUTER_SCALE). fp32: max |a - b| / max |b| (gradients: floor 1% of the model's largest
@@ -16,8 +17,9 @@ Steps:
   scaling   training tokens/s (forward, backward, clipping, AdamW; fp32 weights, bf16 autocast; FSDP2
             computes in bf16) of a 2.0B-parameter MoE (80B-A3B shapes, 8 layers, 64 experts, 32K vocabulary)
             at 4096 tokens per row: one GPU with R rows per step against two GPUs with 2R rows per step under
-            dp_shard=2, ep=2 and tp=2. Efficiency = tokens/s on 2 / (2 x tokens/s on 1). (ep and tp ranks
-            process the same tokens: they split the model, not the batch, so only dp_shard can near 100%.)
+            dp_shard=2, ep=2, tp=2 and ep=2 inside dp_shard=2, for each R of --rows. Efficiency = tokens/s on
+            2 / (2 x tokens/s on 1). (Plain ep and tp ranks process the same tokens: they split the model, not
+            the batch. ep_in_dp splits both, as Megatron-core and torchtitan do.)
   model80b  Qwen3NextConfig.preset("80b-a3b") with random weights, built on the meta device, ep=2, bf16,
             each rank drawing its own shards on its GPU (`fill_random`): prefill tokens/s of a 4k and a 32k
             prompt (generation's chunked prefill), decode tokens/s at batch 1 and 64 (the eager loop: CUDA
@@ -181,6 +183,7 @@ def parity(args, device) -> None:
     split = T // 2
     cases = {"tp": (dict(tp=2), None), "ep": (dict(ep=2), None), "cp": (dict(cp=2), None),
              "dp_shard": (dict(dp_shard=2), None),
+             "ep_in_dp": (dict(dp_shard=2, ep=2, ep_in_dp=True), None),
              # one row of packed documents: one crosses the cp split starting 2 tokens before it
              "cp_packed": (dict(cp=2), [0, split // 3, split - 2, split + 9, T])}
     rows = []
@@ -227,35 +230,38 @@ def train_rate(model, dims, config, rows, seq, device, steps, warmup) -> tuple[f
 
 def scaling(args, device) -> None:
     if args.small:
-        config, rows, seq, steps, warmup = Qwen3NextConfig.preset("tiny", **TINY), 2, 64, 2, 1
+        config, row_counts, seq, steps, warmup = Qwen3NextConfig.preset("tiny", **TINY), [2], 64, 2, 1
     else:
-        config, rows, seq, steps, warmup = Qwen3NextConfig.preset("80b-a3b", **SCALING), args.rows, 4096, 8, 3
+        config, row_counts, seq, steps, warmup = Qwen3NextConfig.preset("80b-a3b", **SCALING), args.rows, 4096, 8, 3
     params = count_parameters(config)["total"]
-    results = []
-    if rank0():  # the one-GPU baseline; rank 1 waits
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Qwen3NextForCausalLM(config).train()
-        rate, peak = train_rate(model, None, config, rows, seq, device, steps, warmup)
-        results.append({"layout": "1 GPU", "rows/step": rows, "tokens/s": rate, "efficiency": 1.0, "peak GiB": peak})
-        del model
-    reset_memory(device)  # before NCCL's barrier allocates outside torch's cache
-    dist.barrier()
-    single = results[0]["tokens/s"] if results else None
-    for layout in (dict(dp_shard=2), dict(ep=2), dict(tp=2)):
-        dims = ParallelDims(**layout)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = Qwen3NextForCausalLM(config).train()
-        model = parallelize(model, dims, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        rate, peak = train_rate(model, dims, config, 2 * rows, seq, device, steps, warmup)
-        peak = worst(peak or 0.0) or None
-        if rank0():
-            results.append({"layout": " ".join(f"{k}={v}" for k, v in layout.items()), "rows/step": 2 * rows,
-                            "tokens/s": rate, "efficiency": rate / (2 * single), "peak GiB": peak})
-        del model
-        reset_memory(device)
-    report(args, f"scaling: training, {params / 1e9:.2f}B parameters, {seq} tokens per row", results)
+    for rows in row_counts:
+        results = []
+        if rank0():  # the one-GPU baseline; rank 1 waits
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Qwen3NextForCausalLM(config).train()
+            rate, peak = train_rate(model, None, config, rows, seq, device, steps, warmup)
+            results.append({"layout": "1 GPU", "rows/step": rows, "tokens/s": rate, "efficiency": 1.0, "peak GiB": peak})
+            del model
+        reset_memory(device)  # before NCCL's barrier allocates outside torch's cache
+        dist.barrier()
+        single = results[0]["tokens/s"] if results else None
+        for layout in (dict(dp_shard=2), dict(ep=2), dict(tp=2), dict(dp_shard=2, ep=2, ep_in_dp=True)):
+            dims = ParallelDims(**layout)
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Qwen3NextForCausalLM(config).train()
+            model = parallelize(model, dims, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            rate, peak = train_rate(model, dims, config, 2 * rows, seq, device, steps, warmup)
+            peak = worst(peak or 0.0) or None
+            if rank0():
+                name = " ".join(f"{k}={v}" for k, v in layout.items() if k != "ep_in_dp")
+                results.append({"layout": name + (" (ep in dp)" if dims.ep_in_dp else ""), "rows/step": 2 * rows,
+                                "tokens/s": rate, "efficiency": rate / (2 * single), "peak GiB": peak})
+            del model
+            reset_memory(device)
+        report(args, f"scaling: training, {params / 1e9:.2f}B parameters, {seq} tokens per row, {rows} rows per GPU",
+               results)
 
 
 # --------------------------------------------------------------------------------------------- long context
@@ -404,7 +410,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("steps", nargs="+", choices=sorted(STEPS))
     parser.add_argument("--small", action="store_true", help="tiny sizes (checks the script, e.g. on the CPU)")
-    parser.add_argument("--rows", type=int, default=2, help="scaling: rows of 4096 tokens per GPU per step [2]")
+    parser.add_argument("--rows", type=int, nargs="+", default=[2, 4],
+                        help="scaling: rows of 4096 tokens per GPU per step, one table each [2 4]")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="where multi_gpu.jsonl goes [$OUT or .]")
     args = parser.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) != 2:

@@ -36,12 +36,19 @@ CONFIG = dict(
     moe_intermediate_size=32, shared_expert_intermediate_size=32, mlp_only_layers=[1], router_aux_loss_coef=0.05,
 )
 # one-dim layouts on 2 processes; "tp_mqa" has one KV head (replicated over tp) and an odd length (no SP)
-LAYOUTS_2 = {"tp": dict(tp=2), "tp_mqa": dict(tp=2), "ep": dict(ep=2), "cp": dict(cp=2), "dp_shard": dict(dp_shard=2)}
-LAYOUTS_4 = {"tp2_dp2": dict(tp=2, dp_shard=2), "ep2_dp2": dict(ep=2, dp_shard=2), "cp2_tp2": dict(cp=2, tp=2)}
+# "ep_in_dp": the ep ranks are the dp_shard ranks (each its own rows)
+LAYOUTS_2 = {"tp": dict(tp=2), "tp_mqa": dict(tp=2), "ep": dict(ep=2), "cp": dict(cp=2), "dp_shard": dict(dp_shard=2),
+             "ep_in_dp": dict(dp_shard=2, ep=2, ep_in_dp=True)}
+# with ep_in_dp on 4: experts replicated over cp (their gradients summed over it), and over dp_shard / ep
+LAYOUTS_4 = {"tp2_dp2": dict(tp=2, dp_shard=2), "ep2_dp2": dict(ep=2, dp_shard=2), "cp2_tp2": dict(cp=2, tp=2),
+             "ep2_in_dp2_cp2": dict(dp_shard=2, cp=2, ep=2, ep_in_dp=True), "ep2_in_dp4": dict(dp_shard=4, ep=2, ep_in_dp=True)}
 # documents packed in one row of T = 22 (cu_seqlens); cp=2 splits it at 11: a document that crosses the
 # split starting 2 tokens before it (the conv reads 3 back), and one that starts exactly at it
 PACKED = {"cp_packed": (dict(cp=2), [0, 4, 9, 15, 22]), "cp_packed_at_split": (dict(cp=2), [0, 6, 11, 22]),
           "tp_packed": (dict(tp=2), [0, 4, 9, 15, 22])}
+
+
+CURVES = ("tp", "ep", "cp", "dp_shard", "ep_in_dp")  # 10-step training curves against one process
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -166,11 +173,14 @@ def _job_2(results, workdir):
     results["cp_rule"] = _cp_rule_check(ParallelDims(cp=2))
     config = _config()
     results["curve/reference"] = _train(_model(config, dtype=CURVE_DTYPE), config)[0]
-    for name in ("tp", "ep", "cp", "dp_shard"):
+    for name in CURVES:
         results[f"curve/{name}"] = _curve(config, ParallelDims(**LAYOUTS_2[name]))[0]
-    # FSDP computing in bf16 (training's setting on a GPU): the root's weights must outlive its forward
-    bf16 = parallelize(_model(config), ParallelDims(dp_shard=2), param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    results["curve/dp_shard_bf16"] = _train(bf16, config, ParallelDims(dp_shard=2), range(3))[0]
+    # FSDP computing in bf16 (training's setting on a GPU): the root's weights must outlive its forward;
+    # under ep_in_dp FSDP leaves the (fp32) experts, which meet bf16 activations
+    for name in ("dp_shard", "ep_in_dp"):
+        dims = ParallelDims(**LAYOUTS_2[name])
+        bf16 = parallelize(_model(config), dims, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        results[f"curve/{name}_bf16"] = _train(bf16, config, dims, range(3))[0]
 
     # resume the 4-process checkpoint (tp2 x dp_shard2) on 2 processes with another layout, into a model
     # built on the meta device and materialised shard by shard
@@ -201,6 +211,8 @@ def _job_2(results, workdir):
                                                 "ep=2 must divide num_experts=3")
     results["error/world"] = _expect_error(lambda: ParallelDims(tp=2, ep=2), "world has 2 processes")
     results["error/dims"] = _expect_error(lambda: ParallelDims(tp=0), "tp=0")
+    results["error/ep_in_dp"] = _expect_error(lambda: ParallelDims(dp_shard=2, ep=4, ep_in_dp=True),
+                                              "ep=4 must divide dp_shard=2")
     cp_dims = ParallelDims(cp=2)
     cp_model = parallelize(_model(config), cp_dims, param_dtype=None, reduce_dtype=None)
     short = torch.randint(0, config.vocab_size, (1, 3))  # slices of 2 and 1 tokens; the conv reads 3 back
@@ -279,10 +291,11 @@ TRAIN = dict(steps=STEPS, seq_len=24, batch_size=4, lr=3e-3, warmup=2, min_lr_ra
 # layout, settings: the tp run saves at SAVE_AT (resumed under dp_shard, and in one process); cp runs
 # with activation checkpointing (layers recomputed in their own call's layout state)
 TRAIN_LAYOUTS = {"tp": (dict(tp=2), dict(save_every=SAVE_AT)), "dp_shard": (dict(dp_shard=2), {}),
-                 "cp_ac": (dict(cp=2), dict(steps=SAVE_AT, activation_checkpointing=True))}
+                 "cp_ac": (dict(cp=2), dict(steps=SAVE_AT, activation_checkpointing=True)),
+                 "ep_in_dp": (LAYOUTS_2["ep_in_dp"], dict(steps=SAVE_AT))}
 # the runs whose model is built on the meta device and seeded shard by shard, as `qwen3next train` does
 # under torchrun (the cp run gets the whole seeded model and cuts its shards from it)
-TRAIN_META = ("tp", "dp_shard")
+TRAIN_META = ("tp", "dp_shard", "ep_in_dp")
 
 
 def _write_corpus(directory) -> str:
@@ -355,6 +368,8 @@ def _train_checks(results, workdir):
     results["cli/world"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--tp", "2", "--dp-shard", "2")
     results["cli/batch"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--dp-shard", "2",
                                "--batch-size", "3")
+    results["cli/ep_in_dp"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--dp-shard", "2",
+                                  "--ep", "4", "--ep-in-dp")
     results["cli/cp_short"] = cli(corpus, *flags, "--out", os.path.join(workdir, "cli_bad"), "--cp", "2",
                                   "--seq-len", "4")
 
@@ -522,7 +537,7 @@ def test_context_parallel_rule_with_states(two):
     assert all(v <= 1e-10 for v in worst.values()), worst
 
 
-@pytest.mark.parametrize("name", ["tp", "ep", "cp", "dp_shard"])
+@pytest.mark.parametrize("name", CURVES)
 def test_training_follows_one_process(two, name):
     reference = two[0]["curve/reference"]
     assert reference[-1] < reference[0] - 0.1  # it learns: the comparison is not between flat lines
@@ -530,12 +545,13 @@ def test_training_follows_one_process(two, name):
         assert max(_rel(torch.tensor(a), torch.tensor(b)) for a, b in zip(r[f"curve/{name}"], reference)) <= CURVE_TOL
 
 
-def test_fsdp_in_bf16_trains_like_fp32(two):
+@pytest.mark.parametrize("name", ["dp_shard", "ep_in_dp"])
+def test_fsdp_in_bf16_trains_like_fp32(two, name):
     """FSDP with bf16 compute (fp32 weights and gradient sums) runs forward, backward and steps (the root's
     all-gathered weights serve its backward: torch 2.11 freed them after the forward, failing the backward)
-    and its losses follow the fp32 run's within bf16 rounding."""
+    and its losses follow the fp32 run's within bf16 rounding; also with the experts outside FSDP."""
     for r in two:
-        got, want = r["curve/dp_shard_bf16"], r["curve/reference"][:3]
+        got, want = r[f"curve/{name}_bf16"], r["curve/reference"][:3]
         assert all(math.isfinite(x) for x in got), got
         assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < 2e-2, (got, want)
 
@@ -605,7 +621,7 @@ def test_meta_device_model_is_one_process_model(two):
 
 def test_bad_inputs_get_clear_errors(two):
     for r in two:
-        for name in ("tp_heads", "ep_experts", "world", "dims", "cp_short", "ckpt_config"):
+        for name in ("tp_heads", "ep_experts", "world", "dims", "ep_in_dp", "cp_short", "ckpt_config"):
             assert r[f"error/{name}"] == "ok", (name, r[f"error/{name}"])
         assert r["error/untouched"] and r["error/class"]
 
@@ -627,10 +643,10 @@ def _curve_error(got: list[dict], want: list[dict]) -> float:
 
 @pytest.mark.parametrize("name", TRAIN_LAYOUTS)
 def test_trainer_follows_one_process(two, name):
-    """`Trainer` under tp=2, dp_shard=2 (FSDP) and cp=2 (with activation checkpointing), on the same
-    global batches of packed documents (rows of one document and rows of several): every rank sees
-    one process's loss, aux loss, gradient norm (clipping over the shards) and held-out loss. The tp
-    and dp_shard runs start from a model built on the meta device and seeded shard by shard."""
+    """`Trainer` under tp=2, dp_shard=2 (FSDP), cp=2 (with activation checkpointing) and ep=2 inside
+    dp_shard=2, on the same global batches of packed documents (rows of one document and rows of
+    several): every rank sees one process's loss, aux loss, gradient norm (clipping over the shards) and held-out loss. The tp,
+    dp_shard and ep_in_dp runs start from a model built on the meta device and seeded shard by shard."""
     one = two[0]["train/one"]["rows"]
     assert one[-1]["loss"] < one[0]["loss"] - 1.0  # it learns: the curves are not flat lines
     steps = TRAIN_LAYOUTS[name][1].get("steps", STEPS)
@@ -689,6 +705,7 @@ def test_train_command_with_layout_flags(two, workdir, capsys):
         assert r["cli/world"][0] == 2 and "the world has 2 processes" in r["cli/world"][1]
         assert r["cli/batch"][0] == 2 and "--batch-size 3 must divide by --dp-shard 2" in r["cli/batch"][1]
         assert r["cli/cp_short"][0] == 2 and "slices of 2 tokens" in r["cli/cp_short"][1]
+        assert r["cli/ep_in_dp"][0] == 2 and "ep=4 must divide dp_shard=2" in r["cli/ep_in_dp"][1]
     run = os.path.join(workdir, "cli_run")
     assert [row["step"] for row in read_metrics(run)] == [0, 1, 2, 3]
     one = os.path.join(workdir, "cli_one")
@@ -768,6 +785,10 @@ def test_plan_counts_every_parameter_once():
     assert ep8 == pytest.approx(total - experts + experts / 8, rel=1e-12)
     tp2 = plan(config, Layout(tp=2))
     assert tp2["local_parameters"] < total / 2 + 1e8 and tp2["comm_total"]["tp"] > 0
+    # ep inside dp_shard: FSDP shards the rest 8 ways and leaves the experts, which ep splits 4 ways
+    in_dp = plan(config, Layout(dp_shard=8, ep=4, ep_in_dp=True))
+    assert in_dp["layout"].gpus == 8
+    assert in_dp["local_parameters"] == pytest.approx((total - experts) / 8 + experts / 4, rel=1e-12)
 
 
 def test_inspect_prints_the_plan(capsys):
@@ -780,3 +801,7 @@ def test_inspect_prints_the_plan(capsys):
         assert row in out
     with pytest.raises(SystemExit, match="tp=3 must divide linear_num_key_heads=16"):
         main(["inspect", "80b-a3b", "--tp", "3"])
+    assert main(["inspect", "80b-a3b", "--ep", "4", "--dp-shard", "8", "--ep-in-dp"]) == 0
+    assert "dp_shard8 x tp1 x ep4 (in dp) x cp1 = 8 GPUs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="ep=3 must divide dp_shard=8"):
+        main(["inspect", "80b-a3b", "--ep", "3", "--dp-shard", "8", "--ep-in-dp"])

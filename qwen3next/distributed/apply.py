@@ -113,8 +113,8 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
         raise ParallelConfigError("this model is already parallelized")
     config = model.config
     check(config, dims)
-    rt = Runtime(dims, TPRuntime(dims.submesh("tp")), EPRuntime(dims.submesh("ep")), CPRuntime(dims.group("cp")),
-                 dims.group("dp_shard_cp"))
+    ep = EPRuntime(dims.submesh("ep"), shares_tokens=not dims.ep_in_dp, replica_group=dims.group("expert_dp"))
+    rt = Runtime(dims, TPRuntime(dims.submesh("tp")), ep, CPRuntime(dims.group("cp")), dims.group("dp_shard_cp"))
     tp, ep, cp = rt.tp, rt.ep, rt.cp
     for layer in model.model.layers:
         mixer, prefix = (layer.linear_attn, "linear_attn.") if layer.layer_type == LINEAR else (layer.self_attn, "self_attn.")
@@ -137,7 +137,7 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
                 mesh, placements = (dims.submesh("ep", "tp"), [Shard(0), Replicate()]) if tp.size > 1 else (ep.mesh, [Shard(0)])
                 for name in ("experts.gate_up_proj", "experts.down_proj"):
                     distribute_parameter(layer.mlp, name, mesh, placements)
-                rules.update(_prefixed("mlp.", expert_rules(tp)))
+                rules.update(_prefixed("mlp.", expert_rules(tp, ep)))
             install_forward(layer.mlp, moe_forward, tp, ep)
         if rules:
             install_forward(layer, local_views_forward, rules)
@@ -149,7 +149,10 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
         parallelize_lm_head(model.lm_head, tp, config.tie_word_embeddings)
     install_forward(model, causal_lm_forward, rt)
     if rt.batch_group is not None:
-        _fully_shard(model, dims.submesh("dp_shard_cp"), param_dtype, reduce_dtype, reshard_after_forward)
+        # under ep_in_dp the experts are sharded by ep over ranks FSDP shards over too: FSDP leaves them
+        experts = {p for layer in model.model.layers if layer.is_moe for p in layer.mlp.experts.parameters()}
+        _fully_shard(model, dims.submesh("dp_shard_cp"), param_dtype, reduce_dtype, reshard_after_forward,
+                     ignored=experts if dims.ep_in_dp and ep.size > 1 else set())
     model.parallel = rt
     return model
 
@@ -158,15 +161,16 @@ def _prefixed(prefix: str, rules: dict) -> dict:
     return {prefix + name: rule for name, rule in rules.items()}
 
 
-def _fully_shard(model, mesh, param_dtype, reduce_dtype, reshard_after_forward) -> None:
+def _fully_shard(model, mesh, param_dtype, reduce_dtype, reshard_after_forward, ignored: set) -> None:
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored)
     # the root (embeddings, final norm, lm_head) stays unsharded until its backward: its output is a
     # dataclass, which FSDP does not hook to all-gather again before the backward (torch 2.11 frees it)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, ignored_params=ignored)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # the loss is already the global mean: gradients sum over the batch ranks

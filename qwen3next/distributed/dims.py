@@ -9,6 +9,12 @@ its ranks are neighbours on NVLink). What each dim means for a rank:
             residual stream between blocks
 The product must equal the world size (torchrun's WORLD_SIZE). All dims of 1 in a single process need no
 process group at all.
+
+With `ep_in_dp=True` the ep ranks are dp_shard ranks instead (as in Megatron-core and torchtitan: each
+its own rows, so the mixers do no duplicate work): ep must divide dp_shard and adds nothing to the world
+size (dp_shard * cp * tp). The mesh is then ("dp_mod_ep", "ep", "cp", "tp"): "dp_shard" is the first
+two dims flattened, and "expert_dp" (dp_mod_ep x cp) the ranks that hold the same experts but see
+other tokens (their expert gradients are summed over it).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class ParallelDims:
     tp: int = 1
     ep: int = 1
     cp: int = 1
+    ep_in_dp: bool = False
     mesh: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -39,14 +46,18 @@ class ParallelDims:
                if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool) or getattr(self, n) < 1]
         if bad:
             raise ParallelConfigError(f"parallel dims must be integers >= 1; got {', '.join(bad)}")
+        if self.ep_in_dp and self.dp_shard % self.ep:
+            raise ParallelConfigError(f"with ep_in_dp the ep ranks are dp_shard ranks: ep={self.ep} must divide "
+                                      f"dp_shard={self.dp_shard}")
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         if self.world_size == 1 and world == 1:
             return
         if world != self.world_size:
+            product = ("dp_shard * cp * tp = {} * {} * {}" if self.ep_in_dp else "dp_shard * cp * ep * tp = {} * {} * {} * {}")
+            sizes = (self.dp_shard, self.cp, self.tp) if self.ep_in_dp else (self.dp_shard, self.cp, self.ep, self.tp)
             raise ParallelConfigError(
-                f"dp_shard * cp * ep * tp = {self.dp_shard} * {self.cp} * {self.ep} * {self.tp} = "
-                f"{self.world_size}, but the world has {world} processes (launch with torchrun "
-                f"--nproc-per-node {self.world_size}, or change the dims)"
+                f"{product.format(*sizes)} = {self.world_size}, but the world has {world} processes (launch with "
+                f"torchrun --nproc-per-node {self.world_size}, or change the dims)"
             )
         if self.world_size > 1:
             self._build_mesh()
@@ -54,7 +65,7 @@ class ParallelDims:
     # ------------------------------------------------------------------------------------ mesh
     @property
     def world_size(self) -> int:
-        return self.dp_shard * self.cp * self.ep * self.tp
+        return self.dp_shard * self.cp * self.tp * (1 if self.ep_in_dp else self.ep)
 
     @property
     def enabled(self) -> bool:
@@ -73,16 +84,28 @@ class ParallelDims:
             if self.device_type == "cuda":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend)
-        shape = tuple(getattr(self, n) for n in DIM_NAMES)
-        self.mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=DIM_NAMES)
-        # the ranks that see different tokens of the batch: FSDP shards over them and losses sum over them
-        self._batch_mesh = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if self.ep_in_dp:
+            shape, names = (self.dp_shard // self.ep, self.ep, self.cp, self.tp), ("dp_mod_ep", "ep", "cp", "tp")
+        else:
+            shape, names = tuple(getattr(self, n) for n in DIM_NAMES), DIM_NAMES
+        self.mesh = init_device_mesh(self.device_type, shape, mesh_dim_names=names)
+        # flattened dims: "dp_shard_cp", the ranks that see different tokens of the batch (FSDP shards over
+        # them and losses sum over them); under ep_in_dp also "dp_shard" and "expert_dp"
+        batch = ("dp_mod_ep", "ep", "cp") if self.ep_in_dp else ("dp_shard", "cp")
+        self._flat = {"dp_shard_cp": self.mesh[batch]._flatten("dp_shard_cp")}
+        if self.ep_in_dp:
+            self._flat["dp_shard"] = self.mesh["dp_mod_ep", "ep"]._flatten("dp_shard")
+            self._flat["expert_dp"] = self.mesh["dp_mod_ep", "cp"]._flatten("expert_dp")
 
     def submesh(self, *names: str):
-        """The mesh over the named dims (e.g. "tp", or "dp_shard_cp"); None when it has one rank."""
-        if self.mesh is None:
+        """The mesh over the named dims (e.g. "tp"; "ep", "tp"; or a flattened one: "dp_shard_cp",
+        "expert_dp"); None when it has one rank (or, for "expert_dp", without ep_in_dp)."""
+        if self.mesh is None or (names == ("expert_dp",) and not self.ep_in_dp):
             return None
-        sub = self._batch_mesh if names == ("dp_shard_cp",) else self.mesh[names if len(names) > 1 else names[0]]
+        if len(names) == 1:
+            sub = self._flat[names[0]] if names[0] in self._flat else self.mesh[names[0]]
+        else:
+            sub = self.mesh[names]
         return sub if sub.size() > 1 else None
 
     def group(self, name: str):

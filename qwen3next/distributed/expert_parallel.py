@@ -9,6 +9,12 @@ weighted and summed per token, and the shares are all-gathered so every ep rank 
 tokens. The router's logits cover all tokens on every ep rank, so the load-balancing loss is exactly
 one process's.
 
+Expert parallel over the data ranks (`ParallelDims(ep_in_dp=True)`): each ep rank has its own tokens,
+sends all of them to their experts and keeps its results; no split, no gather. The experts' gradients
+then already sum over the ep group's tokens (the all-to-all's backward); the ranks that hold the same
+experts but other tokens ("expert_dp") sum them once more. FSDP leaves the experts alone there: they are
+sharded by ep, and replicated over "expert_dp".
+
 Tensor parallel (tp > 1): the shared expert is column/row parallel; the routed experts too when
 ep = 1 (expert tensor parallelism: each rank holds its slice of every expert's intermediate dim),
 so routed and shared outputs are partial sums reduced together in one reduce-scatter.
@@ -26,17 +32,23 @@ from .tensor_parallel import TPRuntime, local
 
 
 class EPRuntime:
-    def __init__(self, mesh):
+    """The ep group; `shares_tokens`: whether its ranks hold the same tokens (False under ep_in_dp);
+    `replica_group`: the ranks with the same experts and other tokens (ep_in_dp only, else None)."""
+
+    def __init__(self, mesh, shares_tokens: bool = True, replica_group=None):
         self.mesh = mesh
         self.group = None if mesh is None else mesh.get_group()
         self.size = comm.group_size(self.group)
         self.rank = comm.group_rank(self.group)
+        self.shares_tokens = shares_tokens
+        self.replica_group = replica_group
 
 
-def expert_rules(tp: TPRuntime) -> dict:
+def expert_rules(tp: TPRuntime, ep: EPRuntime) -> dict:
     """Local views of the ep-sharded experts; they are replicated over tp, where (under SP) each rank
-    routes its own tokens, so there their gradients also sum over tp."""
-    return {name: (lambda w: tp.data_sum(local(w))) for name in ("experts.gate_up_proj", "experts.down_proj")}
+    routes its own tokens, so there their gradients also sum over tp (and over ep's replica group)."""
+    return {name: (lambda w: comm.grad_all_reduce(tp.data_sum(local(w)), ep.replica_group))
+            for name in ("experts.gate_up_proj", "experts.down_proj")}
 
 
 def check_ep(config, ep: int) -> list[str]:
@@ -48,7 +60,9 @@ def check_ep(config, ep: int) -> list[str]:
 def dispatch_to_experts(x, weights, ids, gate_up, down, group) -> torch.Tensor:
     """sum_s weights[n, s] * expert_{ids[n, s]}(x[n]) for this rank's tokens x [N, D], with the experts
     spread over `group` (this rank holds experts rank * E_r .. (rank + 1) * E_r - 1: gate_up [E_r, 2I, D],
-    down [E_r, D, I]). Two uneven all-to-alls: pairs out to their experts' ranks, results back."""
+    down [E_r, D, I]; cast to x's dtype). Two uneven all-to-alls: pairs out to their experts' ranks,
+    results back."""
+    gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
     n_ranks, e_local, k = comm.group_size(group), gate_up.shape[0], ids.shape[1]
     flat_ids = ids.reshape(-1)
     dest = flat_ids // e_local
@@ -76,6 +90,8 @@ def moe_forward(module, inner, tp: TPRuntime, ep: EPRuntime, x: torch.Tensor):
 
     x_all = tp.enter(flat)  # all tokens when the residual stream is sequence-parallel
     partial = module.shared_expert(x_all) * torch.sigmoid(module.shared_expert_gate(x_all))
+    if ep.size > 1 and not ep.shares_tokens:
+        return (tp.exit(partial) + dispatch_to_experts(flat, weights, ids, gate_up, down, ep.group)).view_as(x), router_logits
     if ep.size > 1:
         sizes = comm.split_sizes(flat.shape[0], ep.size)
         start = sum(sizes[: ep.rank])

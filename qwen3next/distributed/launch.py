@@ -33,13 +33,18 @@ def add_generation_arguments(parser) -> None:
 
 def add_training_arguments(parser) -> None:
     add_parallel_arguments(parser, DIM_NAMES, "parallel training (launch with torchrun --nproc-per-node "
-                                              "DP_SHARD*CP*EP*TP; --batch-size is the global batch)")
+                                              "DP_SHARD*CP*EP*TP, or DP_SHARD*CP*TP with --ep-in-dp; "
+                                              "--batch-size is the global batch)")
+    parser.add_argument("--ep-in-dp", action="store_true",
+                        help="the ep ranks are dp_shard ranks, each with its own rows (as Megatron-core and "
+                             "torchtitan; ep must divide dp_shard): no duplicate mixer work")
 
 
 def parallel_dims(args) -> ParallelDims:
     """The layout asked for by the flags (initialises the process group and this rank's CUDA device
     when it has more than one rank); ParallelConfigError when it does not match the world."""
-    return ParallelDims(**{name: getattr(args, name, 1) for name in DIM_NAMES})
+    return ParallelDims(**{name: getattr(args, name, 1) for name in DIM_NAMES},
+                        ep_in_dp=getattr(args, "ep_in_dp", False))
 
 
 def generation_dims(args) -> ParallelDims:

@@ -8,7 +8,8 @@ activation checkpointing, one micro-batch of `batch` rows of `seq_len` tokens pe
       F = dp_shard * cp (FSDP2 shards everything over the ranks that see different tokens).
       tp shards: GDN in_proj_qkvz, in_proj_ba, out_proj, A_log, dt_bias; attention q_proj, o_proj
       (k/v_proj when tp divides the KV heads); shared expert and dense MLP; embed_tokens, lm_head.
-      ep shards the routed experts (E / ep each); with ep = 1, tp splits them (expert TP).
+      ep shards the routed experts (E / ep each); with ep = 1, tp splits them (expert TP). With ep_in_dp
+      (ep's ranks are dp_shard ranks) FSDP leaves the experts: E / ep each, replicated over F / ep.
       Replicated: norms, router, shared_expert_gate, conv1d, KV projections when tp > KV heads.
   Memory per GPU: master weights 4 B, gradients 4 B, AdamW m and v 8 B per local parameter (half of
       each with states="bf16": bf16 master weights and optimizer states); plus the FSDP all-gather buffers: 2 B x (two layers' unsharded-over-F parameters: current + prefetch).
@@ -19,7 +20,8 @@ activation checkpointing, one micro-batch of `batch` rows of `seq_len` tokens pe
           (Hv (dk + dv)) and its within-chunk matrices (2 Hv c), c = chunk size;
       attention: q and gate, k, v, rotated q, k, output, gated output: (4 H + 3 Hkv) hd / tp;
       MoE: router logits E (fp32, per residual token); per routed (token, expert) pair on this GPU
-          (t k / ep pairs): its input D and gate/up/act 3 I / tp_e (tp_e = tp with expert TP, else 1);
+          (t k / ep pairs; t k under ep_in_dp): its input D and gate/up/act 3 I / tp_e (tp_e = tp with
+          expert TP, else 1);
           shared expert: t (D + 3 Is / tp) (its input is gathered: all t tokens);
       logits: t V / tp in bf16 and fp32 (the loss's exp).
       With activation checkpointing (`recompute`, the trainer's --activation-checkpointing): each layer
@@ -30,11 +32,14 @@ activation checkpointing, one micro-batch of `batch` rows of `seq_len` tokens pe
           backward does the converse: 4 x 2 t D (tp - 1) / tp per block, 2 blocks per layer;
       EP: pairs out and back, forward and backward: 4 x 2 (t' / ep) k D (ep - 1) / ep, plus the
           all-gather of the outputs over ep and its backward: 2 x 2 t' D (ep - 1) / ep (t' = t / tp under SP);
+          under ep_in_dp every rank sends its own t' k pairs (4 x 2 t' k D (ep - 1) / ep) and gathers nothing;
       CP: GDN all-gathers each rank's affine state map (fp32, b (Hv / tp) dk (dk + dv) per rank) and
           reduce-scatters its gradient: 2 (cp - 1) x that; attention all-gathers K and V (the whole
           sequence, local KV heads) and reduce-scatters their gradients: 2 x 2 x 2 S b Hkv' hd (cp - 1) / cp;
       FSDP: all-gather bf16 parameters in forward and again in backward, reduce-scatter fp32
-          gradients: (2 + 2 + 4) P (F - 1) / F bytes, P = the layer's parameters on this tp/ep rank.
+          gradients: (2 + 2 + 4) P (F - 1) / F bytes, P = the layer's parameters on this tp/ep rank (the
+          experts' too, except under ep_in_dp: their fp32 gradients are all-reduced over the R = F / ep
+          ranks that hold the same experts, 2 x 4 P_e (R - 1) / R, counted in this column).
 These are estimates of the dominant terms, meant to compare layouts before renting GPUs.
 """
 
@@ -55,19 +60,26 @@ class Layout:
     batch: int = 1
     states: str = "fp32"  # master weights, gradients, AdamW m and v: "fp32" (16 B/param) or "bf16" (8 B/param)
     recompute: bool = False  # activation checkpointing per decoder layer
+    ep_in_dp: bool = False  # ep's ranks are dp_shard ranks (ParallelDims.ep_in_dp)
 
     @property
     def gpus(self) -> int:
-        return self.dp_shard * self.tp * self.ep * self.cp
+        return self.dp_shard * self.tp * self.cp * (1 if self.ep_in_dp else self.ep)
+
+    @property
+    def experts_outside_fsdp(self) -> bool:
+        return self.ep_in_dp and self.ep > 1
 
     def __str__(self) -> str:
-        return f"dp_shard{self.dp_shard} x tp{self.tp} x ep{self.ep} x cp{self.cp}"
+        return f"dp_shard{self.dp_shard} x tp{self.tp} x ep{self.ep}{' (in dp)' if self.ep_in_dp else ''} x cp{self.cp}"
 
 
-def _layer_params(c: Qwen3NextConfig, i: int, lay: Layout) -> tuple[float, float]:
-    """(parameters of layer i before tp/ep sharding, its share on one tp/ep rank)."""
+def _layer_params(c: Qwen3NextConfig, i: int, lay: Layout) -> tuple[float, float, float]:
+    """(parameters of layer i before tp/ep sharding, its share on one tp/ep rank that FSDP shards, the
+    share it leaves: the routed experts under ep_in_dp)."""
     D, tp, ep = c.hidden_size, lay.tp, lay.ep
     full = local = 2 * D  # the two norms
+    kept = 0.0
     if c.layer_types[i] == LINEAR:
         sharded = D * (2 * c.linear_key_dim + 2 * c.linear_value_dim) + D * 2 * c.linear_num_value_heads
         sharded += c.linear_value_dim * D + 2 * c.linear_num_value_heads
@@ -84,12 +96,16 @@ def _layer_params(c: Qwen3NextConfig, i: int, lay: Layout) -> tuple[float, float
         shared = 3 * D * c.shared_expert_intermediate_size
         small = c.num_experts * D + D
         full += experts + shared + small
-        local += experts / (ep if ep > 1 else tp) + shared / tp + small
+        local += shared / tp + small
+        if lay.experts_outside_fsdp:
+            kept += experts / ep
+        else:
+            local += experts / (ep if ep > 1 else tp)
     else:
         dense = 3 * D * c.intermediate_size
         full += dense
         local += dense / tp
-    return full, local
+    return full, local, kept
 
 
 def _activations(c: Qwen3NextConfig, i: int, lay: Layout, t: float) -> float:
@@ -105,7 +121,7 @@ def _activations(c: Qwen3NextConfig, i: int, lay: Layout, t: float) -> float:
         total += t * (4 * c.num_attention_heads / tp + 3 * kv_local) * c.head_dim * b2
     if c.is_moe_layer(i):
         tp_e = tp if ep == 1 else 1
-        pairs = t * c.num_experts_per_tok / ep
+        pairs = t * c.num_experts_per_tok / (1 if lay.ep_in_dp else ep)
         total += t / tp * c.num_experts * b4 + pairs * (D + 3 * c.moe_intermediate_size / tp_e) * b2
         total += t * (D + 3 * c.shared_expert_intermediate_size / tp) * b2
     else:
@@ -113,15 +129,22 @@ def _activations(c: Qwen3NextConfig, i: int, lay: Layout, t: float) -> float:
     return total
 
 
-def _communication(c: Qwen3NextConfig, i: int, lay: Layout, t: float, local_params: float) -> dict[str, float]:
+def _communication(c: Qwen3NextConfig, i: int, lay: Layout, t: float, local_params: float,
+                   kept_params: float) -> dict[str, float]:
     D, tp, ep, cp = c.hidden_size, lay.tp, lay.ep, lay.cp
     F = lay.dp_shard * cp
     out = {"tp": 0.0, "ep": 0.0, "cp": 0.0, "fsdp": (2 + 2 + 4) * local_params * (F - 1) / F}
+    if kept_params:
+        R = F // ep
+        out["fsdp"] += 2 * 4 * kept_params * (R - 1) / R
     if tp > 1:
         out["tp"] = 2 * 4 * 2 * t * D * (tp - 1) / tp
     if ep > 1 and c.is_moe_layer(i):
         t_res = t / tp if tp > 1 else t
-        out["ep"] = 4 * 2 * (t_res / ep) * c.num_experts_per_tok * D * (ep - 1) / ep + 2 * 2 * t_res * D * (ep - 1) / ep
+        if lay.ep_in_dp:
+            out["ep"] = 4 * 2 * t_res * c.num_experts_per_tok * D * (ep - 1) / ep
+        else:
+            out["ep"] = 4 * 2 * (t_res / ep) * c.num_experts_per_tok * D * (ep - 1) / ep + 2 * 2 * t_res * D * (ep - 1) / ep
     if cp > 1:
         if c.layer_types[i] == LINEAR:
             dk = c.linear_key_head_dim
@@ -141,17 +164,19 @@ def plan(config: Qwen3NextConfig, lay: Layout) -> dict:
     F = lay.dp_shard * lay.cp
     embed = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     local_total = embed / lay.tp + c.hidden_size
+    kept_total = 0.0  # parameters FSDP leaves (the experts under ep_in_dp)
     biggest = embed / lay.tp
     logits = t * c.vocab_size / lay.tp * (2 + 4)
     layer_activations = []
     kinds: dict[str, dict] = {}
     comm_total = {"tp": 0.0, "ep": 0.0, "cp": 0.0, "fsdp": 2 * 2 * embed / lay.tp * (F - 1) / F}
     for i, kind in enumerate(c.layer_types):
-        _, local = _layer_params(c, i, lay)
+        _, local, kept = _layer_params(c, i, lay)
         local_total += local
+        kept_total += kept
         biggest = max(biggest, local)
         layer_activations.append(_activations(c, i, lay, t))
-        volume = _communication(c, i, lay, t, local)
+        volume = _communication(c, i, lay, t, local, kept)
         name = ("GDN" if kind == LINEAR else "attention") + ("+MoE" if c.is_moe_layer(i) else "+MLP")
         kinds.setdefault(name, {"layers": 0, **volume})["layers"] += 1
         for k, v in volume.items():
@@ -160,7 +185,7 @@ def plan(config: Qwen3NextConfig, lay: Layout) -> dict:
         activations = logits + len(layer_activations) * 2 * t * c.hidden_size / lay.tp + max(layer_activations)
     else:
         activations = logits + sum(layer_activations)
-    params = local_total / F
+    params = local_total / F + kept_total
     w = 4 if lay.states == "fp32" else 2
     return {
         "layout": lay, "tokens_per_gpu": t, "local_parameters": params,
@@ -202,6 +227,8 @@ def add_inspect_arguments(parser) -> None:
     group = parser.add_argument_group("parallel plan (any of these prints the per-GPU memory and communication)")
     for flag in ("--tp", "--ep", "--cp", "--dp-shard"):
         group.add_argument(flag, type=int, default=None, help=f"{flag[2:]} ways (default 1)")
+    group.add_argument("--ep-in-dp", dest="ep_in_dp", action="store_true", default=None,
+                       help="ep's ranks are dp_shard ranks (each its own rows; ep divides dp_shard)")
     group.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 4096)")
     group.add_argument("--batch", type=int, default=None, help="sequences per dp_shard rank (default 1)")
     group.add_argument("--activation-checkpointing", dest="recompute", action="store_true", default=None,
@@ -213,7 +240,8 @@ def add_inspect_arguments(parser) -> None:
 def print_plan_if_asked(config: Qwen3NextConfig, args) -> None:
     """Print the plan when any planning flag was given (`add_inspect_arguments`); exit with the reasons
     when the layout cannot work."""
-    values = {k: getattr(args, k, None) for k in ("tp", "ep", "cp", "dp_shard", "seq_len", "batch", "states", "recompute")}
+    values = {k: getattr(args, k, None)
+              for k in ("tp", "ep", "cp", "dp_shard", "seq_len", "batch", "states", "recompute", "ep_in_dp")}
     if all(v is None for v in values.values()):
         return
     lay = Layout(**{k: v for k, v in values.items() if v is not None})
@@ -222,6 +250,8 @@ def print_plan_if_asked(config: Qwen3NextConfig, args) -> None:
     errors = layout_errors(config, lay.tp, lay.ep)
     if min(lay.dp_shard, lay.tp, lay.ep, lay.cp, lay.seq_len, lay.batch) < 1:
         errors.append("every dim, --seq-len and --batch must be >= 1")
+    elif lay.ep_in_dp and lay.dp_shard % lay.ep:
+        errors.append(f"with --ep-in-dp, ep={lay.ep} must divide dp_shard={lay.dp_shard}")
     if errors:
         raise SystemExit("error: invalid layout:\n  - " + "\n  - ".join(errors))
     print(format_plan(plan(config, lay)))
