@@ -2,11 +2,10 @@
 
 Expert parallel (ep > 1): the routed experts are sharded E / ep per rank (`experts.*` Shard(0) on the
 ep mesh). The ep ranks hold the same tokens; each takes its share of them (uneven allowed), routes
-with the replicated router, and sends every (token, slot) pair to the rank owning its expert with an
-all-to-all of uneven splits (the counts are exchanged first). The owner runs its experts on what it
-received with the grouped expert op (`ops.moe_experts`), the results travel back the same way, are
-weighted and summed per token, and the shares are all-gathered so every ep rank again holds all
-tokens. The router's logits cover all tokens on every ep rank, so the load-balancing loss is exactly
+with the replicated router, and sends each token once to every rank that owns any of its experts, with
+an all-to-all of uneven splits (the counts are exchanged first; `dispatch_to_experts`). The owner runs
+the token's (token, slot) pairs with the grouped expert op (`ops.moe_experts`), sums their weighted
+results and sends one row back; the shares are all-gathered so every ep rank again holds all tokens. The router's logits cover all tokens on every ep rank, so the load-balancing loss is exactly
 one process's.
 
 Expert parallel over the data ranks (`ParallelDims(ep_in_dp=True)`): each ep rank has its own tokens,
@@ -60,23 +59,40 @@ def check_ep(config, ep: int) -> list[str]:
 def dispatch_to_experts(x, weights, ids, gate_up, down, group) -> torch.Tensor:
     """sum_s weights[n, s] * expert_{ids[n, s]}(x[n]) for this rank's tokens x [N, D], with the experts
     spread over `group` (this rank holds experts rank * E_r .. (rank + 1) * E_r - 1: gate_up [E_r, 2I, D],
-    down [E_r, D, I]; cast to x's dtype). Two uneven all-to-alls: pairs out to their experts' ranks,
-    results back."""
+    down [E_r, D, I]; cast to x's dtype).
+
+    A token travels once to each rank that holds any of its k experts, with its slots there (local expert
+    ids, -1 for slots elsewhere, and their routing weights); that rank runs the token's pairs, sums their
+    weighted results and sends one row back. So a token costs one row per rank it visits, not one per
+    slot (k = 10 over 2 ranks: 5x fewer bytes than sending every pair). Two uneven all-to-alls of rows
+    (plus the slots beside them); the counts go through the host once. No atomic adds: the sums are over
+    dense [rows, slots] and [ranks, tokens] layouts, so the result does not depend on thread timing."""
     gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
-    n_ranks, e_local, k = comm.group_size(group), gate_up.shape[0], ids.shape[1]
-    flat_ids = ids.reshape(-1)
-    dest = flat_ids // e_local
-    order = torch.argsort(dest, stable=True)  # pairs grouped by destination rank
-    token = order // k
-    send = torch.bincount(dest, minlength=n_ranks)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    send, recv = send.tolist(), recv.tolist()
-    x_in = comm.all_to_all(x[token], recv, send, group)
-    e_in = comm.all_to_all_raw((flat_ids[order] - dest[order] * e_local)[:, None].contiguous(), recv, send, group)
-    y_in = ops.moe_experts(x_in, gate_up, down, x_in.new_ones(x_in.shape[0], 1), e_in)
-    y = comm.all_to_all(y_in, send, recv, group) * weights.reshape(-1)[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add(0, token, y)
+    n_ranks, e_local, (N, k) = comm.group_size(group), gate_up.shape[0], ids.shape
+    dest = ids // e_local  # [N, k] the rank of each slot's expert
+    slot_on = dest[None, :, :] == torch.arange(n_ranks, device=ids.device)[:, None, None]  # [R, N, k]
+    visits = slot_on.any(-1)  # [R, N]: token n goes to rank r
+    counts = torch.stack([visits.sum(1), slot_on.sum((1, 2))], 1)  # [R, 2]: rows and pairs sent to each rank
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    (send_rows, _), (recv_rows, recv_pairs) = torch.stack([counts.t(), recv_counts.t()]).tolist()  # one sync
+    # the rows to send, rank by rank, each rank's tokens in order: flat positions r * N + n of `visits`
+    sent = torch.argsort((~visits).flatten().to(torch.int8), stable=True)[: sum(send_rows)]
+    rank_of, token = sent // N, sent % N
+    mine = slot_on[rank_of, token]  # [S, k] which of the row's slots that rank serves
+    local_ids = torch.where(mine, ids[token] - rank_of[:, None] * e_local, -1)
+    x_in = comm.all_to_all(x[token], recv_rows, send_rows, group)
+    ids_in = comm.all_to_all_raw(local_ids.contiguous(), recv_rows, send_rows, group)
+    w_in = comm.all_to_all(torch.where(mine, weights[token], 0).contiguous(), recv_rows, send_rows, group)
+    # this rank's pairs: flat positions row * k + slot of the slots it serves, row by row
+    pair = torch.argsort((ids_in < 0).flatten().to(torch.int8), stable=True)[: sum(recv_pairs)]
+    row = pair // k
+    y_pairs = ops.moe_experts(x_in[row], gate_up, down, w_in.flatten()[pair, None], ids_in.flatten()[pair, None])
+    y_rows = y_pairs.new_zeros(x_in.shape[0] * k, x.shape[1]).index_copy(0, pair, y_pairs)
+    with torch.autocast(x.device.type, enabled=False):  # CUDA autocast would sum, and send, in fp32
+        y_back = comm.all_to_all(y_rows.view(-1, k, x.shape[1]).sum(1), send_rows, recv_rows, group)
+        out = y_back.new_zeros(n_ranks * N, x.shape[1]).index_copy(0, sent, y_back)
+        return out.view(n_ranks, N, -1).sum(0)
 
 
 def moe_forward(module, inner, tp: TPRuntime, ep: EPRuntime, x: torch.Tensor):

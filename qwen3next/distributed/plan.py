@@ -30,9 +30,11 @@ activation checkpointing, one micro-batch of `batch` rows of `seq_len` tokens pe
   reduce-scatter of an X-byte whole: X (n - 1) / n; all-to-all: the fraction (n - 1) / n of the rows):
       TP + SP: each block (mixer, FFN) all-gathers its input and reduce-scatters its output, and the
           backward does the converse: 4 x 2 t D (tp - 1) / tp per block, 2 blocks per layer;
-      EP: pairs out and back, forward and backward: 4 x 2 (t' / ep) k D (ep - 1) / ep, plus the
-          all-gather of the outputs over ep and its backward: 2 x 2 t' D (ep - 1) / ep (t' = t / tp under SP);
-          under ep_in_dp every rank sends its own t' k pairs (4 x 2 t' k D (ep - 1) / ep) and gathers nothing;
+      EP: a token goes once to each rank holding any of its k experts, v = ep (1 - (1 - 1/ep)^k) ranks
+          on average (uniform routing), and comes back as one row: out and back, forward and backward,
+          4 x 2 (t' / ep) v D (ep - 1) / ep, plus the all-gather of the outputs over ep and its backward:
+          2 x 2 t' D (ep - 1) / ep (t' = t / tp under SP); under ep_in_dp every rank sends its own t'
+          tokens (4 x 2 t' v D (ep - 1) / ep) and gathers nothing;
       CP: GDN all-gathers each rank's affine state map (fp32, b (Hv / tp) dk (dk + dv) per rank) and
           reduce-scatters its gradient: 2 (cp - 1) x that; attention all-gathers K and V (the whole
           sequence, local KV heads) and reduce-scatters their gradients: 2 x 2 x 2 S b Hkv' hd (cp - 1) / cp;
@@ -141,10 +143,11 @@ def _communication(c: Qwen3NextConfig, i: int, lay: Layout, t: float, local_para
         out["tp"] = 2 * 4 * 2 * t * D * (tp - 1) / tp
     if ep > 1 and c.is_moe_layer(i):
         t_res = t / tp if tp > 1 else t
-        if lay.ep_in_dp:
-            out["ep"] = 4 * 2 * t_res * c.num_experts_per_tok * D * (ep - 1) / ep
-        else:
-            out["ep"] = 4 * 2 * (t_res / ep) * c.num_experts_per_tok * D * (ep - 1) / ep + 2 * 2 * t_res * D * (ep - 1) / ep
+        visits = ep * (1 - (1 - 1 / ep) ** c.num_experts_per_tok)  # ranks a token's experts are on
+        sent = t_res if lay.ep_in_dp else t_res / ep
+        out["ep"] = 4 * 2 * sent * visits * D * (ep - 1) / ep
+        if not lay.ep_in_dp:
+            out["ep"] += 2 * 2 * t_res * D * (ep - 1) / ep
     if cp > 1:
         if c.layer_types[i] == LINEAR:
             dk = c.linear_key_head_dim
