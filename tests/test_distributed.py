@@ -41,7 +41,8 @@ LAYOUTS_2 = {"tp": dict(tp=2), "tp_mqa": dict(tp=2), "ep": dict(ep=2), "cp": dic
              "ep_in_dp": dict(dp_shard=2, ep=2, ep_in_dp=True)}
 # with ep_in_dp on 4: experts replicated over cp (their gradients summed over it), and over dp_shard / ep
 LAYOUTS_4 = {"tp2_dp2": dict(tp=2, dp_shard=2), "ep2_dp2": dict(ep=2, dp_shard=2), "cp2_tp2": dict(cp=2, tp=2),
-             "ep2_in_dp2_cp2": dict(dp_shard=2, cp=2, ep=2, ep_in_dp=True), "ep2_in_dp4": dict(dp_shard=4, ep=2, ep_in_dp=True)}
+             "ep2_in_dp2_cp2": dict(dp_shard=2, cp=2, ep=2, ep_in_dp=True),
+             "ep2_in_dp4": dict(dp_shard=4, ep=2, ep_in_dp=True)}
 # documents packed in one row of T = 22 (cu_seqlens); cp=2 splits it at 11: a document that crosses the
 # split starting 2 tokens before it (the conv reads 3 back), and one that starts exactly at it
 PACKED = {"cp_packed": (dict(cp=2), [0, 4, 9, 15, 22]), "cp_packed_at_split": (dict(cp=2), [0, 6, 11, 22]),

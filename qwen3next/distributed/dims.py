@@ -53,10 +53,10 @@ class ParallelDims:
         if self.world_size == 1 and world == 1:
             return
         if world != self.world_size:
-            product = ("dp_shard * cp * tp = {} * {} * {}" if self.ep_in_dp else "dp_shard * cp * ep * tp = {} * {} * {} * {}")
-            sizes = (self.dp_shard, self.cp, self.tp) if self.ep_in_dp else (self.dp_shard, self.cp, self.ep, self.tp)
+            names = ("dp_shard", "cp", "tp") if self.ep_in_dp else DIM_NAMES
+            product = f"{' * '.join(names)} = {' * '.join(str(getattr(self, n)) for n in names)}"
             raise ParallelConfigError(
-                f"{product.format(*sizes)} = {self.world_size}, but the world has {world} processes (launch with "
+                f"{product} = {self.world_size}, but the world has {world} processes (launch with "
                 f"torchrun --nproc-per-node {self.world_size}, or change the dims)"
             )
         if self.world_size > 1:

@@ -5,8 +5,9 @@ ep mesh). The ep ranks hold the same tokens; each takes its share of them (uneve
 with the replicated router, and sends each token once to every rank that owns any of its experts, with
 an all-to-all of uneven splits (the counts are exchanged first; `dispatch_to_experts`). The owner runs
 the token's (token, slot) pairs with the grouped expert op (`ops.moe_experts`), sums their weighted
-results and sends one row back; the shares are all-gathered so every ep rank again holds all tokens. The router's logits cover all tokens on every ep rank, so the load-balancing loss is exactly
-one process's.
+results and sends one row back; the shares are all-gathered so every ep rank again holds all tokens.
+The router's logits cover all tokens on every ep rank, so the load-balancing loss is exactly one
+process's.
 
 Expert parallel over the data ranks (`ParallelDims(ep_in_dp=True)`): each ep rank has its own tokens,
 sends all of them to their experts and keeps its results; no split, no gather. The experts' gradients
@@ -107,7 +108,8 @@ def moe_forward(module, inner, tp: TPRuntime, ep: EPRuntime, x: torch.Tensor):
     x_all = tp.enter(flat)  # all tokens when the residual stream is sequence-parallel
     partial = module.shared_expert(x_all) * torch.sigmoid(module.shared_expert_gate(x_all))
     if ep.size > 1 and not ep.shares_tokens:
-        return (tp.exit(partial) + dispatch_to_experts(flat, weights, ids, gate_up, down, ep.group)).view_as(x), router_logits
+        routed = dispatch_to_experts(flat, weights, ids, gate_up, down, ep.group)  # this rank's own tokens
+        return (tp.exit(partial) + routed).view_as(x), router_logits
     if ep.size > 1:
         sizes = comm.split_sizes(flat.shape[0], ep.size)
         start = sum(sizes[: ep.rank])
