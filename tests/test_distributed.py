@@ -655,17 +655,19 @@ def test_trainer_follows_one_process(two, name):
         assert _curve_error(r[f"train/{name}"]["rows"], one[:steps]) <= 1e-5
 
 
-def test_trainer_resumes_on_another_layout_and_in_one_process(two, workdir, tmp_path):
+@pytest.mark.parametrize("run", ["tp", "ep_in_dp"])
+def test_trainer_resumes_on_another_layout_and_in_one_process(two, workdir, tmp_path, run):
     """The tp=2 run's checkpoint of step 5 (DCP shards) resumed under dp_shard=2 continues with one
-    process's losses; so does it resumed in this process, without torch.distributed."""
+    process's losses; so does it, and the checkpoint of the run with ep inside dp_shard (experts outside
+    FSDP), resumed in this process, without torch.distributed."""
     from qwen3next.train import Trainer
 
     one = two[0]["train/one"]["rows"]
     for r in two:
         assert r["train/resumed_step"] == SAVE_AT
         assert _curve_error(r["train/resumed"]["rows"], one[SAVE_AT:]) <= 1e-5
-    trainer = Trainer.resume(os.path.join(workdir, "train_tp", "checkpoints", f"step-{SAVE_AT:06d}"),
-                             out_dir=str(tmp_path / "resumed"))
+    trainer = Trainer.resume(os.path.join(workdir, f"train_{run}", "checkpoints", f"step-{SAVE_AT:06d}"),
+                             out_dir=str(tmp_path / "resumed"), overrides={"steps": STEPS})
     rows = []
     trainer.fit(callback=lambda t, row: rows.append(row), progress=False)
     assert _curve_error(rows, one[SAVE_AT:]) <= 1e-5
