@@ -11,9 +11,11 @@ Steps:
             GPU on the same global batch, in fp32 and under bf16 autocast (fp32 weights, as training runs),
             our Triton kernels in the path: logits, loss, aux loss and every gradient (router weights 20x
             wider: see ROUTER_SCALE). fp32: max |a - b| / max |b| (gradients: floor 1% of the model's largest
-            gradient entry), as tests/test_distributed.py, bound 1e-4. bf16: relative L2 ||a - b|| / ||b||
-            (gradients: floor 1% of the largest gradient norm), bound 1e-2 or, where larger, the distance
-            of one GPU's bf16 result from its own fp32 result ("bf16 noise"). No NaN/inf.
+            gradient entry), as tests/test_distributed.py, bound 1e-4. bf16: every run takes the expert
+            choices of the one-GPU bf16 run (`FixedRouting`: rounding would otherwise flip near-tied
+            choices, and each flip swaps a whole expert's output); relative L2 ||a - b|| / ||b|| (gradients:
+            floor 1% of the largest gradient norm), bound 1e-2 or, where larger, the distance of one GPU's
+            bf16 result from its own fp32 result ("bf16 noise"). No NaN/inf.
   scaling   training tokens/s (forward, backward, clipping, AdamW; fp32 weights, bf16 autocast; FSDP2
             computes in bf16) of a 2.0B-parameter MoE (80B-A3B shapes, 8 layers, 64 experts, 32K vocabulary)
             at 4096 tokens per row: one GPU with R rows per step against two GPUs with 2R rows per step under
@@ -36,6 +38,7 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -49,8 +52,9 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
+from qwen3next import Qwen3NextConfig, Qwen3NextForCausalLM, ops  # noqa: E402
 from qwen3next.cache import HybridCache  # noqa: E402
 from qwen3next.distributed import ParallelDims, parallelize  # noqa: E402
 from qwen3next.distributed.checkpoint import whole_tensor  # noqa: E402
@@ -132,12 +136,68 @@ def error(a: torch.Tensor, b: torch.Tensor, relative_l2: bool, floor: float = 0.
     return (a - b).abs().max().item() / max(b.abs().max().item(), floor, 1e-30)
 
 
+class FixedRouting:
+    """Expert choices recorded from one run and replayed in others, so that bf16 comparisons measure
+    rounding, not near-tied choices that rounding flips (each flip swaps a whole expert's output).
+    `record(B, T)`: while active, `ops.route` runs as usual and its ids, as [B, T, k] of the global batch,
+    are kept per call (one per MoE layer). `replay(locate)`: `ops.route` returns the recorded ids of the
+    tokens `locate([B, T, k]) -> [..., k]` picks (this call's tokens, in order) and, for weights, the
+    logits' softmax at those ids (renormalised as the model does): the function the model computes, at
+    fixed choices."""
+
+    def __init__(self):
+        self.table: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def _patched(self, route):
+        original = ops.route
+        ops.route = route
+        try:
+            yield
+        finally:
+            ops.route = original
+
+    def record(self, B: int, T: int):
+        original = ops.route
+
+        def route(logits, top_k, norm_topk_prob):
+            weights, ids = original(logits, top_k, norm_topk_prob)
+            self.table.append(ids.detach().view(B, T, top_k))
+            return weights, ids
+
+        return self._patched(route)
+
+    def replay(self, locate):
+        calls = iter(self.table)
+
+        def route(logits, top_k, norm_topk_prob):
+            ids = locate(next(calls)).reshape(-1, top_k)
+            weights = F.softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids)
+            if norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            return weights.to(logits.dtype), ids
+
+        return self._patched(route)
+
+
+def local_tokens(model, dims):
+    """`FixedRouting.replay`'s `locate` for a parallelized model: the rank's rows and sequence part,
+    and its sequence-parallel piece of it when tp runs the residual stream sequence-parallel."""
+    def locate(table):
+        mine = dims.local_batch(table)
+        tp = model.parallel.tp
+        return mine.tensor_split(tp.size, dim=1)[tp.rank] if tp.sp else mine
+
+    return locate
+
+
 def parity_case(config, dims, bf16: bool, device, batch, cu_seqlens) -> dict:
     """Worst errors of logits, loss, aux loss and gradients of the model under `dims` against the same
     model whole on this rank's device, on the global `batch` (ids [B, T]); gradients compared shard by
     shard (this rank's part of the whole model's gradient against its own); fp32 weights, the forward in
-    fp32 or under bf16 autocast (training's mixed precision). With bf16, also "bf16 noise": the one-GPU
-    bf16 logits and gradients against its fp32 ones (the size of bf16 rounding itself)."""
+    fp32 or under bf16 autocast (training's mixed precision). In bf16 every run takes the one-GPU bf16
+    run's expert choices (`FixedRouting`), and "bf16 noise" is the one-GPU bf16 logits and gradients
+    against its fp32 ones (the size of bf16 rounding itself)."""
     torch.manual_seed(0)
     with torch.device(device):
         ref = Qwen3NextForCausalLM(config)
@@ -148,9 +208,13 @@ def parity_case(config, dims, bf16: bool, device, batch, cu_seqlens) -> dict:
     model = parallelize(copy.deepcopy(ref), dims, param_dtype=None, reduce_dtype=None)
     ids = batch.to(device)
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
+    routing = FixedRouting()
+    same = contextlib.nullcontext
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        want = ref(ids, labels=ids, cu_seqlens=cu)
-        got = model(dims.local_batch(ids), labels=dims.local_batch(ids), cu_seqlens=cu)
+        with routing.record(*ids.shape) if bf16 else same():
+            want = ref(ids, labels=ids, cu_seqlens=cu)
+        with routing.replay(local_tokens(model, dims)) if bf16 else same():
+            got = model(dims.local_batch(ids), labels=dims.local_batch(ids), cu_seqlens=cu)
     want.loss.backward()
     got.loss.backward()
     grads = dict(ref.named_parameters())
@@ -168,7 +232,8 @@ def parity_case(config, dims, bf16: bool, device, batch, cu_seqlens) -> dict:
     if bf16:  # the same model whole in fp32: how far bf16 itself moves logits and gradients
         exact = copy.deepcopy(ref)
         exact.zero_grad(set_to_none=True)
-        fp32 = exact(ids, labels=ids, cu_seqlens=cu)
+        with routing.replay(lambda table: table):
+            fp32 = exact(ids, labels=ids, cu_seqlens=cu)
         fp32.loss.backward()
         exact_grads = dict(exact.named_parameters())
         out["bf16 noise: logits"] = error(want.logits, fp32.logits, True)
