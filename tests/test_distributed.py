@@ -289,8 +289,9 @@ def _like_init(name: str, shard: torch.Tensor, whole: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------------- trainer
 TRAIN = dict(steps=STEPS, seq_len=24, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=1.0, eval_every=SAVE_AT,
              eval_rows=4, eval_fraction=0.3, save_every=0, log_every=SAVE_AT)  # constant lr: a shorter run is a prefix
-# layout, settings: the tp run saves at SAVE_AT (resumed under dp_shard, and in one process); cp runs
-# with activation checkpointing (layers recomputed in their own call's layout state)
+# layout, settings: the tp run saves at SAVE_AT (resumed under dp_shard, and in one process), the ep_in_dp
+# run ends there (resumed in one process); cp runs with activation checkpointing (layers recomputed in
+# their own call's layout state)
 TRAIN_LAYOUTS = {"tp": (dict(tp=2), dict(save_every=SAVE_AT)), "dp_shard": (dict(dp_shard=2), {}),
                  "cp_ac": (dict(cp=2), dict(steps=SAVE_AT, activation_checkpointing=True)),
                  "ep_in_dp": (LAYOUTS_2["ep_in_dp"], dict(steps=SAVE_AT))}
@@ -646,8 +647,9 @@ def _curve_error(got: list[dict], want: list[dict]) -> float:
 def test_trainer_follows_one_process(two, name):
     """`Trainer` under tp=2, dp_shard=2 (FSDP), cp=2 (with activation checkpointing) and ep=2 inside
     dp_shard=2, on the same global batches of packed documents (rows of one document and rows of
-    several): every rank sees one process's loss, aux loss, gradient norm (clipping over the shards) and held-out loss. The tp,
-    dp_shard and ep_in_dp runs start from a model built on the meta device and seeded shard by shard."""
+    several): every rank sees one process's loss, aux loss, gradient norm (clipping over the shards)
+    and held-out loss. The tp, dp_shard and ep_in_dp runs start from a model built on the meta device
+    and seeded shard by shard."""
     one = two[0]["train/one"]["rows"]
     assert one[-1]["loss"] < one[0]["loss"] - 1.0  # it learns: the curves are not flat lines
     steps = TRAIN_LAYOUTS[name][1].get("steps", STEPS)
