@@ -5,7 +5,8 @@
 #
 #   bash benchmarks/gpu_all.sh tests                    # about 6 minutes on an H100 (120 tests)
 #   bash benchmarks/gpu_all.sh moe e2e dims1            # about 9 minutes
-#   bash benchmarks/gpu_all.sh multi-parity multi-scaling multi-80b   # on nvidia-h200-x2
+#   bash benchmarks/gpu_all.sh multi-parity multi-80b    # on nvidia-h200-x2: about 5 minutes (parity ~230 s)
+#   bash benchmarks/gpu_all.sh multi-scaling multi-long  # about 4 minutes
 # Steps: tests (the GPU tests), train (60 bf16 steps of the tiny preset), gdn, gdn-sweep, moe, e2e (slice),
 # e2e-full, dims1; on 2 GPUs: multi-parity, multi-scaling, multi-80b, multi-long (benchmarks/multi_gpu.py's
 # steps, each launched by torchrun on its own, so one that fails leaves the others).
