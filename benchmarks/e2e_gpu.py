@@ -42,7 +42,7 @@ from qwen3next.config import LINEAR
 from qwen3next.decode import StaticDecoder
 from qwen3next.generate import prefill, select_tokens
 from qwen3next.model import cache_bytes_per_sequence, count_parameters
-from timing import time_once
+from timing import sync, time_once
 
 PEAK_FLOPS, PEAK_BW = 750e12, 3.0e12
 DECODE_CONTEXT = 512
@@ -116,11 +116,6 @@ def decode_floor(config, B: int, S: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, reps: int, warmup: int = 1) -> float:
     """Median milliseconds of fn() (CUDA events on the GPU)."""
     for _ in range(warmup):

@@ -65,6 +65,7 @@ from qwen3next.distributed.training import clip_grad_norm_  # noqa: E402
 from qwen3next.generate import prefill  # noqa: E402
 from qwen3next.model import count_parameters  # noqa: E402
 from qwen3next.train.loop import TrainSettings, build_optimizer  # noqa: E402
+from timing import sync  # noqa: E402  (benchmarks/ is on the path: the script's own folder)
 
 PARITY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
@@ -99,11 +100,6 @@ def report(args, step: str, rows: list[dict]) -> None:
     with open(os.path.join(args.out, "multi_gpu.jsonl"), "a") as f:
         for row in rows:
             f.write(json.dumps({"step": step, **row}) + "\n")
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_gib(device) -> float | None:

@@ -1,8 +1,14 @@
-"""Shared by the benchmark scripts: the time of one call, by CUDA events on a GPU."""
+"""Shared by the benchmark scripts: the time of one call, by CUDA events on a GPU; waiting for the device."""
 
 import time
 
 import torch
+
+
+def sync(device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_once(fn, device) -> float:

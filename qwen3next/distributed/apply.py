@@ -150,9 +150,10 @@ def parallelize(model, dims: ParallelDims, *, param_dtype: torch.dtype | None = 
     install_forward(model, causal_lm_forward, rt)
     if rt.batch_group is not None:
         # under ep_in_dp the experts are sharded by ep over ranks FSDP shards over too: FSDP leaves them
-        experts = {p for layer in model.model.layers if layer.is_moe for p in layer.mlp.experts.parameters()}
+        experts = ({p for layer in model.model.layers if layer.is_moe for p in layer.mlp.experts.parameters()}
+                   if dims.ep_in_dp and ep.size > 1 else set())
         _fully_shard(model, dims.submesh("dp_shard_cp"), param_dtype, reduce_dtype, reshard_after_forward,
-                     ignored=experts if dims.ep_in_dp and ep.size > 1 else set())
+                     ignored=experts)
     model.parallel = rt
     return model
 

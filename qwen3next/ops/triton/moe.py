@@ -413,8 +413,7 @@ class _MoEExperts(torch.autograd.Function):
         if training:
             ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, act, h)
             ctx.shape = (N, k, weights.dtype)
-        with torch.autocast(x.device.type, enabled=False):  # CUDA autocast would sum (and return) in fp32
-            return rows.view(N, k, D).sum(1)
+        return rows.view(N, k, D).sum(1)
 
     @staticmethod
     def backward(ctx, dout):
@@ -522,6 +521,8 @@ def moe_experts(x, gate_up, down, weights, ids):
     check_moe_inputs(x, gate_up, down, weights, ids)
     x = x.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, weights))
-    if not needs_grad and x.shape[0] <= DECODE_MAX_TOKENS:
-        return _moe_decode(x, gate_up, down, weights, ids)
-    return _MoEExperts.apply(x, gate_up, down, weights, ids)
+    # the operands are cast: the wrappers run as written (CUDA autocast would, e.g., sum the k slots in fp32)
+    with torch.autocast(x.device.type, enabled=False):
+        if not needs_grad and x.shape[0] <= DECODE_MAX_TOKENS:
+            return _moe_decode(x, gate_up, down, weights, ids)
+        return _MoEExperts.apply(x, gate_up, down, weights, ids)
