@@ -3,9 +3,8 @@ of ours against fla 0.6.0 in the same process. Prints markdown tables; writes ev
 
     python benchmarks/gdn_gpu.py [--quick] [--sweep]
 
---sweep first times the chunked kernels' launch choices (`Tuning`: dv block, warps, pipelining depth, P from
-a parallel kernel or formed in the sequential ones, the backward kernel's block and warps) and then checks
-and times everything with the fastest.
+--sweep first times the chunked kernels' launch choices (`Tuning`: the parallel kernels' warps and the backward
+kernel's dv block) and then checks and times everything with the fastest.
 
 Checks (each output buffer region is poisoned with NaN before the run, so an unwritten element fails):
 chunked forward and all gradients (model shape and a varlen GVA case), recurrent decode, the state-pool
@@ -258,32 +257,28 @@ def _sweep_group(spec):
 
 @section
 def sweep_tuning():
-    """Launch choices of the chunked kernels (`tgd.Tuning`): every forward choice at 1 x 16384 and 1 x 65536,
-    one child process per pipelining depth; the best four also at 8 x 8192; then the backward kernel's
-    choices under the best forward one, by forward+backward time at 1 x 16384 and 8 x 8192. Sets `tgd.TUNING`
-    to the winner for the checks and timings after."""
+    """Launch choices of the chunked kernels (`tgd.Tuning`): the parallel forward kernels' warps (T and P) by
+    forward time at 1 x 16384, 1 x 65536 and 8 x 8192, then the parallel backward kernel's dv block and warps
+    under the best of those, by forward+backward time at 1 x 16384 and 8 x 8192. The sequential kernels keep
+    the defaults that session 2's sweep of their choices picked (BENCHMARKS.md). Sets `tgd.TUNING` to the
+    winner for the checks and timings after."""
     import itertools
-    fwd = {}
-    for st in (2, 3, 4):  # depth 1 faults the GPU (Tuning's docstring)
-        choices = [dict(block_v=bv, warps=w, stages=st, pre_scores=ps)
-                   for ps, w, bv in itertools.product((False, True), (4, 8), (16, 32, 64))]
-        for c, t in zip(choices, _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536]],
-                                               "choices": choices})):
-            fwd[json.dumps(c)] = t
-    top = sorted(fwd, key=lambda c: sum(fwd[c]))[:4]
-    for c, t in zip(top, _sweep_group({"pass": "fwd", "shapes": [[8, 8192]], "choices": [json.loads(c) for c in top]})):
-        fwd[c] = fwd[c] + t
-    best = json.loads(min(top, key=lambda c: sum(fwd[c])))
-    RESULTS["sweep"]["forward"] = fwd
-    bwd_choices = [dict(best, bwd_block_v=bbv, bwd_warps=bw) for bbv, bw in itertools.product((32, 64), (4, 8))]
+    fwd_choices = [dict(inverse_warps=iw, scores_warps=sw) for iw, sw in itertools.product((1, 2, 4), (1, 2, 4))]
+    fwd = _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536], [8, 8192]], "choices": fwd_choices})
+    RESULTS["sweep"]["forward"] = {json.dumps(c): t for c, t in zip(fwd_choices, fwd)}
+    best = min(zip(fwd_choices, fwd), key=lambda ct: sum(ct[1]))[0]
+    bwd_choices = [dict(best, bwd_block_v=bbv, bwd_warps=bw) for bbv, bw in itertools.product((16, 32), (4, 8))]
     both = _sweep_group({"pass": "fwd+bwd", "shapes": [[1, 16384], [8, 8192]], "choices": bwd_choices})
     RESULTS["sweep"]["fwd+bwd"] = {json.dumps(c): t for c, t in zip(bwd_choices, both)}
     chosen = min(zip(bwd_choices, both), key=lambda ct: sum(ct[1]))[0]
     tgd.TUNING = tgd.Tuning(**chosen)
     RESULTS["tuning"] = str(tgd.TUNING)
-    print("forward sweep (ms at 1x16384, 1x65536[, 8x8192]), fastest first:")
-    for c in sorted(fwd, key=lambda c: sum(fwd[c][:2]))[:12]:
-        print(f"  {c}: " + ", ".join(f"{t:.3f}" for t in fwd[c]))
+    print("forward (ms at 1x16384, 1x65536, 8x8192):")
+    for c, t in zip(fwd_choices, fwd):
+        print(f"  {json.dumps(c)}: " + ", ".join(f"{x:.3f}" for x in t))
+    print("forward+backward (ms at 1x16384, 8x8192):")
+    for c, t in zip(bwd_choices, both):
+        print(f"  {json.dumps(c)}: " + ", ".join(f"{x:.3f}" for x in t))
     print(f"chosen: {tgd.TUNING}", flush=True)
 
 

@@ -87,8 +87,9 @@ def test_chunk_gated_delta_rule_varlen(r):
     check_chunk(192, HK=1, r=r, l2norm=True, cu_seqlens=cu, seed=r)
 
 
-@pytest.mark.parametrize("tuning", [tgd.Tuning(pre_scores=True, stages=2, block_v=16, bwd_block_v=16, warps=8),
-                                    tgd.Tuning(pre_scores=False, stages=3, bwd_warps=4)])
+@pytest.mark.parametrize("tuning", [tgd.Tuning(pre_scores=True, stages=2, block_v=16, bwd_block_v=32, warps=8,
+                                               inverse_warps=4, scores_warps=1),
+                                    tgd.Tuning(pre_scores=False, stages=3, bwd_warps=4, inverse_warps=2)])
 def test_chunk_launch_choices_give_the_same_results(monkeypatch, tuning):
     """Every launch choice that the GPU benchmark sweeps (benchmarks/gdn_gpu.py --sweep) is exact too."""
     monkeypatch.setattr(tgd, "TUNING", tuning)

@@ -181,27 +181,20 @@ def _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV: tl.constexpr, PRE
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _substitute_row(a, t, r, c, i):
-    """Row i of (I + a)^-1 by forward substitution: t_i = e_i - sum_{j<i} a_ij t_j (rows j < i of t are final)."""
-    a_i = tl.sum(tl.where(r == i, a, 0.0), 0)                     # row i of a, indexed by column j
-    return tl.where(r == i, (c == i).to(tl.float32) - tl.sum(a_i[:, None] * t, 0)[None, :], t)
-
-
-@triton.jit
 def _inv_unit_lower4(a0, a1, a2, a3):
-    """(I + a)^-1 of four strictly lower-triangular [16, 16] blocks, row by row (a run-time loop, so
-    the four independent chains interleave without unrolling)."""
-    r = tl.arange(0, 16)[:, None]
-    c = tl.arange(0, 16)[None, :]
-    t0 = (r == c).to(tl.float32)
-    t1 = t0
-    t2 = t0
-    t3 = t0
+    """(I + a)^-1 of four strictly lower-triangular [16, 16] blocks by forward substitution, row by row, the
+    four stacked into one [4, 16, 16] tile so that each step is one pair of reductions for all of them:
+    t_i = e_i - sum_{j<i} a_ij t_j (rows j < i of t are final)."""
+    a = tl.reshape(tl.permute(tl.join(tl.join(a0, a1), tl.join(a2, a3)), (3, 2, 0, 1)), (4, 16, 16))
+    r = tl.arange(0, 16)[None, :, None]
+    c = tl.arange(0, 16)[None, None, :]
+    t = tl.zeros([4, 16, 16], dtype=tl.float32) + (r == c).to(tl.float32)
     for i in range(1, 16):
-        t0 = _substitute_row(a0, t0, r, c, i)
-        t1 = _substitute_row(a1, t1, r, c, i)
-        t2 = _substitute_row(a2, t2, r, c, i)
-        t3 = _substitute_row(a3, t3, r, c, i)
+        a_i = tl.sum(tl.where(r == i, a, 0.0), 1)                                     # [4, 16]: row i, by j
+        t = tl.where(r == i, (c == i).to(tl.float32) - tl.sum(a_i[:, :, None] * t, 1)[:, None, :], t)
+    lo, hi = tl.split(tl.permute(tl.reshape(t, (2, 2, 16, 16)), (2, 3, 1, 0)))
+    t0, t1 = tl.split(lo)
+    t2, t3 = tl.split(hi)
     return t0, t1, t2, t3
 
 
@@ -562,7 +555,10 @@ class Tuning:
     pre_scores: bool | None = None   # P by a parallel kernel, read by the sequential ones, instead of formed
     #                                  in every dv block's step. None: when the sequential kernels have fewer
     #                                  than two programs per multiprocessor (latency-bound, e.g. B = 1)
-    bwd_block_v: int = 32            # dv block of the parallel backward kernel's loop
+    inverse_warps: int = 1           # warps of the T kernel: with one, its 16x16 tiles' reductions stay within
+    #                                  a warp (0.79 ms at 1 x 65536 on an H100, against 2.87 with four)
+    scores_warps: int = 4            # warps of the P kernel
+    bwd_block_v: int = 16            # dv block of the parallel backward kernel's loop
     bwd_warps: int = 8
 
 
@@ -581,7 +577,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     if layout.NB:
         _chunk_inverse_kernel[(layout.NB, HV)](k, g, beta, tinv, layout.cu, layout.seq, layout.pos,
                                                HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
-                                               num_warps=4)
+                                               num_warps=tuning.inverse_warps)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     pre_scores = tuning.pre_scores
     if pre_scores is None:
@@ -591,7 +587,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
         pmat = torch.empty_like(tinv)
         if layout.NB:
             _chunk_scores_kernel[(layout.NB, HV)](q, k, g, pmat, layout.cu, layout.seq, layout.pos, scale,
-                                                  HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec, num_warps=4)
+                                                  HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec,
+                                                  num_warps=tuning.scores_warps)
     o = torch.empty_like(v)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NB, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
@@ -605,7 +602,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
 
 
 def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, layout, want_dh0, tuning=None):
-    """Kernels 3 and 4. Returns (dq, dk in fp32 per key head, dv, dg fp32, dbeta fp32, dh0 or None)."""
+    """Kernels 3 and 4. Returns (dq, dk per key head: q's dtype with the norm, else fp32; dv, dg fp32,
+    dbeta fp32, dh0 or None)."""
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
@@ -630,12 +628,12 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
             layout.pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
             BV=min(tuning.bwd_block_v, triton.next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
             num_warps=tuning.bwd_warps)
-    r = HV // HK
-    if r > 1:  # value heads of a group share their key head
+    r = HV // HK  # value heads of a group share their key head: their dq/dk are summed
+    if l2norm:  # the sum inside the norm's backward kernel, which writes q's dtype
+        dq = norm_backward(L2, q, None, None, dq, 1e-6, group=r)[0]
+        dk = norm_backward(L2, k, None, None, dk, 1e-6, group=r)[0]
+    elif r > 1:
         dq, dk = dq.view(n_tok, HK, r, DK).sum(2), dk.view(n_tok, HK, r, DK).sum(2)
-    if l2norm:
-        dq = norm_backward(L2, q, None, None, dq, 1e-6, dx_dtype=torch.float32)[0]
-        dk = norm_backward(L2, k, None, None, dk, 1e-6, dx_dtype=torch.float32)[0]
     return dq, dk, dv, dg, dbeta, dh0
 
 

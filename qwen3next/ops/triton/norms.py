@@ -39,7 +39,7 @@ def _norm_fwd_kernel(x, gate, w, y, n_rows, D, eps, MODE: tl.constexpr, BLOCK_D:
 
 @triton.jit
 def _norm_bwd_kernel(x, gate, w, dy, dx, dgate, dw_part, n_rows, D, eps,
-                     MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                     MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
@@ -51,7 +51,9 @@ def _norm_bwd_kernel(x, gate, w, dy, dx, dgate, dw_part, n_rows, D, eps,
         mask = (rows < n_rows)[:, None] & cmask[None, :]
         offs = rows[:, None] * D + cols[None, :]
         xf = tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(GROUP):  # row i's gradient: the sum of dy's rows i * GROUP + j
+            g += tl.load(dy + (rows[:, None] * GROUP + j) * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if MODE == 0:
             r = tl.rsqrt(tl.sum(xf * xf, 1) + eps)[:, None]
             yh = xf * r
@@ -100,8 +102,10 @@ def norm_forward(mode: int, x: torch.Tensor, gate, weight, eps: float) -> torch.
     return y.view(x.shape)
 
 
-def norm_backward(mode: int, x, gate, weight, dy, eps: float, dx_dtype=None):
-    """Launch the backward kernel: returns (dx, dgate or None, dweight or None); dx in `dx_dtype` (x's by default)."""
+def norm_backward(mode: int, x, gate, weight, dy, eps: float, dx_dtype=None, group: int = 1):
+    """Launch the backward kernel: returns (dx, dgate or None, dweight or None); dx in `dx_dtype` (x's by default).
+    With `group` > 1, dy has `group` rows for each row of x ([..., group, D] where x is [..., D]), and x's row
+    gets their sum (a normalised tensor that fed `group` consumers, e.g. a key head shared by value heads)."""
     xr, dyr = _rows(x), _rows(dy)
     n, D = xr.shape
     block_d, rows = _config(D)
@@ -113,7 +117,7 @@ def norm_backward(mode: int, x, gate, weight, dy, eps: float, dx_dtype=None):
         _norm_bwd_kernel[(grid,)](
             xr, _rows(gate) if gate is not None else xr, weight if weight is not None else xr, dyr, dx,
             dgate if dgate is not None else dx, dw_part if dw_part is not None else dx, n, D, eps,
-            MODE=mode, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 1024 else 8)
+            MODE=mode, BLOCK_D=block_d, ROWS=rows, GROUP=group, num_warps=4 if block_d <= 1024 else 8)
     elif dw_part is not None:
         dw_part.zero_()
     dw = dw_part.sum(0).to(weight.dtype) if dw_part is not None else None
