@@ -229,3 +229,15 @@ def test_norms_match_reference(D):
         dy = torch.randn_like(y)
         grads, grads_ref = torch.autograd.grad(y, args, dy), torch.autograd.grad(y_ref, args, dy)
         assert all(rel(a, b) < FWD_TOL for a, b in zip(grads, grads_ref)), ours.__name__
+
+
+def test_l2_norm_backward_sums_a_group_of_gradients():
+    """A key head shared by r value heads: the norm's backward takes their r gradients and sums them; a dy
+    of the wrong row count is refused."""
+    x = torch.randn(5, 2, 24, device=DEVICE, requires_grad=True)
+    dy = torch.randn(5, 2, 3, 24, device=DEVICE)
+    got = tnorms.norm_backward(tnorms.L2, x.detach(), None, None, dy, 1e-6, group=3)[0]
+    want = torch.autograd.grad(l2_norm_ref(x), x, dy.sum(2))[0]
+    assert rel(got, want) < FWD_TOL
+    with pytest.raises(ValueError, match="dy must have 3 rows of 24"):
+        tnorms.norm_backward(tnorms.L2, x.detach(), None, None, dy[:, :, :2], 1e-6, group=3)

@@ -12,7 +12,8 @@ activation checkpointing, one micro-batch of `batch` rows of `seq_len` tokens pe
       (ep's ranks are dp_shard ranks) FSDP leaves the experts: E / ep each, replicated over F / ep.
       Replicated: norms, router, shared_expert_gate, conv1d, KV projections when tp > KV heads.
   Memory per GPU: master weights 4 B, gradients 4 B, AdamW m and v 8 B per local parameter (half of
-      each with states="bf16": bf16 master weights and optimizer states); plus the FSDP all-gather buffers: 2 B x (two layers' unsharded-over-F parameters: current + prefetch).
+      each with states="bf16": bf16 master weights and optimizer states); plus the FSDP all-gather
+      buffers: 2 B x (two layers' unsharded-over-F parameters: current + prefetch).
   Activations per GPU (bf16 unless noted), per layer, what the backward keeps:
       residual stream: 4 D per token (block inputs and normed inputs), / tp under SP;
       GDN (local heads = / tp): qkvz + ba, conv input and output, o and normed o:

@@ -65,8 +65,8 @@ class PaddedLayout:
 
 def length_groups(lengths: torch.Tensor, slack: float = 2.0) -> list[torch.Tensor]:
     """Sequence indices [n_g] (ascending within a group) grouped longest first, so that each group padded
-    to its longest sequence holds at most `slack` x its tokens (a group's first sequence always fits; empty sequences end up
-    together). One long sequence among many short ones thus stays out of their batch."""
+    to its longest sequence holds at most `slack` x its tokens (a group's first sequence always fits;
+    empty sequences end up together). One long sequence among many short ones thus stays out of their batch."""
     ls = lengths.tolist()
     groups: list[list[int]] = []
     total = 0

@@ -102,14 +102,16 @@ def norm_forward(mode: int, x: torch.Tensor, gate, weight, eps: float) -> torch.
     return y.view(x.shape)
 
 
-def norm_backward(mode: int, x, gate, weight, dy, eps: float, dx_dtype=None, group: int = 1):
-    """Launch the backward kernel: returns (dx, dgate or None, dweight or None); dx in `dx_dtype` (x's by default).
-    With `group` > 1, dy has `group` rows for each row of x ([..., group, D] where x is [..., D]), and x's row
-    gets their sum (a normalised tensor that fed `group` consumers, e.g. a key head shared by value heads)."""
+def norm_backward(mode: int, x, gate, weight, dy, eps: float, group: int = 1):
+    """Launch the backward kernel: returns (dx in x's dtype, dgate or None, dweight or None). With `group` > 1,
+    dy has `group` rows for each row of x ([..., group, D] where x is [..., D]), and x's row gets their sum
+    (a normalised tensor that fed `group` consumers, e.g. a key head shared by value heads)."""
     xr, dyr = _rows(x), _rows(dy)
     n, D = xr.shape
+    if dyr.shape != (n * group, D):
+        raise ValueError(f"dy must have {group} rows of {D} per row of x ({n} rows); got {tuple(dy.shape)}")
     block_d, rows = _config(D)
-    dx = torch.empty(xr.shape, dtype=dx_dtype or x.dtype, device=x.device)
+    dx = torch.empty_like(xr)
     dgate = torch.empty_like(_rows(gate)) if mode == GATED else None
     grid = max(1, min(triton.cdiv(n, rows), 4 * num_sms(x.device)))
     dw_part = torch.empty(grid, D, dtype=torch.float32, device=x.device) if mode != L2 else None
