@@ -29,8 +29,8 @@ Kernels:
         dS = exp(c_C) dS' + (exp(c) * q)^T dO - (beta exp(c) * k)^T y.
   4. `_chunk_bwd_kernel`, parallel over chunks x value heads: from the chunk's S and dS' it recomputes
      d, dd and y (a loop over dv blocks) and forms dq, dk, dv, dbeta and dg (a reverse cumsum of the
-     gradient of c). dq/dk are per value head; torch sums them over the group, then the L2-norm
-     backward kernel applies when the norm is in-kernel.
+     gradient of c). dq/dk are written per value head in the input dtype; the L2-norm backward kernel
+     sums them over the group when the norm is in-kernel, else torch does.
 
 Decode: `_recurrent_kernel` runs the recurrence token by token with S in registers, one program per
 (sequence, value head, dv block); `recurrent_gated_delta_rule_update` points it at rows of a state pool
@@ -602,8 +602,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
 
 
 def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, layout, want_dh0, tuning=None):
-    """Kernels 3 and 4. Returns (dq, dk per key head: q's dtype with the norm, else fp32; dv, dg fp32,
-    dbeta fp32, dh0 or None)."""
+    """Kernels 3 and 4. Returns (dq, dk per key head in q's dtype; dv; dg, dbeta fp32; dh0 or None)."""
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
@@ -617,7 +616,7 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
         dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
         BV=BV, L2NORM=l2norm, HAS_DHT=dht is not None, STORE_DH0=want_dh0, PRE_P=pmat is not None,
         PREC=prec, num_warps=tuning.warps, num_stages=tuning.stages)
-    dq = torch.empty(n_tok, HV, DK, dtype=torch.float32, device=q.device)
+    dq = torch.empty(n_tok, HV, DK, dtype=q.dtype, device=q.device)  # per value head: half the bytes of fp32
     dk = torch.empty_like(dq)
     dv = torch.empty_like(v)
     dg = torch.empty(n_tok, HV, dtype=torch.float32, device=q.device)
@@ -701,7 +700,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(
             qp, kp, vp, gp, bp, tinv, pmat, hs, dop, dht.float().contiguous() if dht is not None else None,
             ctx.scale, ctx.l2norm, ctx.layout, want_dh0=h0_dtype is not None)
-        return (dq.to(qp.dtype).view(q_shape), dk.to(kp.dtype).view(q_shape), dv.view(v_shape),
+        return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape),
                 dg.to(g_dtype).view(v_shape[:3]), dbeta.to(beta_dtype).view(v_shape[:3]),
                 None, dh0.to(h0_dtype) if dh0 is not None else None, None, None, None)
 
