@@ -170,7 +170,7 @@ def test_bad_inputs_raise_clear_errors():
         moe.moe_experts(x.double(), gate_up, down, weights, ids)
 
 
-@pytest.mark.parametrize("N,k,E", [(37, 3, 8), (29, 2, 16), (5, 4, 4), (1, 1, 3)])
+@pytest.mark.parametrize("N,k,E", [(37, 3, 8), (29, 2, 16), (5, 4, 4), (1, 1, 3), (2100, 4, 40), (90, 3, 700)])
 def test_triton_sort_matches_torch_sort(N, k, E):
     moe = _triton_moe()
     ids = torch.randint(0, E, (N, k), generator=torch.Generator().manual_seed(N)).to(DEVICE)
