@@ -11,6 +11,7 @@ each one, so a left-padded row computes exactly what it computes alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # --------------------------------------------------------------------------------------------- mixers
+@functools.cache
+def _conv_columns(num_k_heads: int, dk: int, rdv: int, device: torch.device) -> torch.Tensor:
+    """Columns of the fused qkvz projection (per key head: q [dk], k [dk], v [rdv], z [rdv]) that form the
+    conv's input, in its channel order: every head's q, then every head's k, then every head's v."""
+    head = torch.arange(num_k_heads, device=device)[:, None] * (2 * dk + 2 * rdv)
+    q, k, v = (head + start + torch.arange(width, device=device) for start, width in ((0, dk), (dk, dk), (2 * dk, rdv)))
+    return torch.cat([q.flatten(), k.flatten(), v.flatten()])
+
+
 class GatedDeltaNet(nn.Module):
     """Linear-attention mixer: projections, causal conv + SiLU, L2-normed q/k, the gated delta rule,
     gated RMSNorm, output projection (SPEC section 3).
@@ -125,13 +135,16 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, D, bias=False)
 
     def split_projections(self, qkvz: torch.Tensor):
-        """Undo the per-key-head grouping of the fused projection: qkvz [B, T, Hk * (2 dk + 2 r dv)]
-        (r = Hv / Hk) -> q, k [B, T, Hk, dk]; v, z [B, T, Hv, dv]. (in_proj_ba's output goes to `gates`.)"""
+        """Undo the per-key-head grouping of the fused projection qkvz [B, T, Hk * (2 dk + 2 r dv)] (r = Hv / Hk;
+        key head h holds its q [dk], k [dk], v [r dv], z [r dv]) -> (the conv's input [B, T, 2 Hk dk + Hv dv]:
+        all q, then all k, then all v channels, gathered in one op; z [B, T, Hv, dv]).
+        (in_proj_ba's output goes to `gates`.)"""
         B, T, _ = qkvz.shape
         r = self.num_v_heads // self.num_k_heads
         dk, dv = self.head_k_dim, self.head_v_dim
-        q, k, v, z = qkvz.view(B, T, self.num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
-        return q, k, v.reshape(B, T, self.num_v_heads, dv), z.reshape(B, T, self.num_v_heads, dv)
+        mixed = qkvz.index_select(-1, _conv_columns(self.num_k_heads, dk, r * dv, qkvz.device))
+        z = qkvz.view(B, T, self.num_k_heads, -1)[..., 2 * dk + r * dv:]
+        return mixed, z.reshape(B, T, self.num_v_heads, dv)
 
     def split_mixed(self, mixed: torch.Tensor):
         """The conv output [B, T, 2 Hk dk + Hv dv] -> q, k [B, T, Hk, dk], v [B, T, Hv, dv]."""
@@ -155,8 +168,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         if token_mask is not None:
             x = x * token_mask[..., None].to(x.dtype)
-        q, k, v, z = self.split_projections(self.in_proj_qkvz(x))
-        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+        mixed, z = self.split_projections(self.in_proj_qkvz(x))
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
         conv_state = cache.conv_state if cache is not None and cache.filled else None
         recurrent_state = cache.recurrent_state if cache is not None and cache.filled else None
@@ -188,9 +200,8 @@ class GatedDeltaNet(nn.Module):
         filled `LinearLayerCache`, whose conv state and recurrent state (a pool, rows `state_indices` [B]
         int32) are updated in place. Returns [B, 1, D]."""
         B = x.shape[0]
-        q, k, v, z = self.split_projections(self.in_proj_qkvz(x))
-        mixed = torch.cat([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], dim=-1)
-        mixed = self.ops.causal_conv1d_update(mixed, cache.conv_state, self.conv1d.weight.squeeze(1))
+        mixed, z = self.split_projections(self.in_proj_qkvz(x))
+        mixed = self.ops.causal_conv1d_update(mixed[:, 0], cache.conv_state, self.conv1d.weight.squeeze(1))
         q, k, v = self.split_mixed(mixed.unsqueeze(1))
         beta, g = self.gates(self.in_proj_ba(x))
         o = self.ops.recurrent_gated_delta_rule_update(

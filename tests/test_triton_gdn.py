@@ -157,6 +157,23 @@ def test_pool_update_in_place_skips_padding():
     assert torch.equal(pool[[1, 2, 4]], pool_before[[1, 2, 4]])       # other rows untouched
 
 
+@pytest.mark.parametrize("T", [1, 3])
+def test_recurrent_reads_q_k_v_sliced_from_one_projection(T):
+    """The decode step passes q, k, v as views of one [B, T, channels] tensor (no copies): same results."""
+    HK, r, D = 2, 2, 16
+    packed = torch.randn(3, T, HK * D * 2 + HK * r * D + 5, device=DEVICE)  # 5 extra channels: a gap per token
+    q, k, v = (t.unflatten(-1, (-1, D)) for t in packed[..., :-5].split([HK * D, HK * D, HK * r * D], dim=-1))
+    g = F.logsigmoid(torch.randn(3, T, HK * r, device=DEVICE))
+    beta = torch.rand(3, T, HK * r, device=DEVICE)
+    pool = torch.randn(4, HK * r, D, D, device=DEVICE)
+    pool_ref = pool.clone()
+    idx = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEVICE)
+    assert not q.is_contiguous() and not v.is_contiguous()
+    o = tgd.recurrent_gated_delta_rule_update(q, k, v, g, beta, pool, idx, use_qk_l2norm_in_kernel=True)
+    o_ref = recurrent_gated_delta_rule_update_ref(q, k, v, g, beta, pool_ref, idx, use_qk_l2norm_in_kernel=True)
+    assert rel(o, o_ref) < FWD_TOL and rel(pool, pool_ref) < FWD_TOL
+
+
 def test_bad_inputs_get_clear_errors():
     q, k, v, g, beta = gdn_inputs(4, 1, 1, 16, 16, 1, False, seed=0)
     with pytest.raises(TypeError, match="share one dtype"):

@@ -477,7 +477,7 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _recurrent_kernel(q, k, v, g, beta, s_in, s_out, idx, o, cu, T, scale,
+def _recurrent_kernel(q, k, v, g, beta, s_in, s_out, idx, o, cu, T, scale, stride_q, stride_k, stride_v,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, VARLEN: tl.constexpr,
                       HAS_S_IN: tl.constexpr, STORE_S: tl.constexpr, USE_IDX: tl.constexpr):
@@ -506,12 +506,12 @@ def _recurrent_kernel(q, k, v, g, beta, s_in, s_out, idx, o, cu, T, scale,
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     for t in range(bos, eos):
-        qv = tl.load(q + (t * HK + hk) * DK + rk, mask=kmask, other=0.0).to(tl.float32)
-        kv = tl.load(k + (t * HK + hk) * DK + rk, mask=kmask, other=0.0).to(tl.float32)
+        qv = tl.load(q + t * stride_q + hk * DK + rk, mask=kmask, other=0.0).to(tl.float32)
+        kv = tl.load(k + t * stride_k + hk * DK + rk, mask=kmask, other=0.0).to(tl.float32)
         if L2NORM:
             qv = qv * tl.rsqrt(tl.sum(qv * qv, 0) + 1e-6)
             kv = kv * tl.rsqrt(tl.sum(kv * kv, 0) + 1e-6)
-        vv = tl.load(v + (t * HV + hv) * DV + rv, mask=vmask, other=0.0).to(tl.float32)
+        vv = tl.load(v + t * stride_v + hv * DV + rv, mask=vmask, other=0.0).to(tl.float32)
         gt = tl.load(g + t * HV + hv).to(tl.float32)
         bt = tl.load(beta + t * HV + hv).to(tl.float32)
         S = S * tl.exp(gt)
@@ -719,16 +719,27 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                                       use_qk_l2norm_in_kernel, cu_seqlens)
 
 
+def _token_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D] as [B*T, H, D] with each token's [H, D] block contiguous: a view where the strides allow
+    (e.g. q, k, v sliced out of one projection), else a contiguous copy."""
+    try:
+        rows = x.view(-1, *x.shape[2:])
+    except RuntimeError:
+        return x.contiguous().view(-1, *x.shape[2:])
+    return rows if rows.stride()[1:] == (x.shape[3], 1) else rows.contiguous()
+
+
 def _recurrent(q, k, v, g, beta, scale, s_in, s_out, idx, cu, l2norm, N):
     B, T, HK, DK = q.shape
     HV, DV = v.shape[2:]
     BK = max(16, triton.next_power_of_2(DK))
     BV = _block_v(N * HV, DV, q.device, choices=(64, 32, 16, 8), waves=1.0)
-    o = torch.empty_like(v)
+    o = torch.empty(B, T, HV, DV, dtype=v.dtype, device=v.device)
+    q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
     _recurrent_kernel[(triton.cdiv(DV, BV), HV, N)](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+        q, k, v, g.contiguous(), beta.contiguous(),
         s_in if s_in is not None else o, s_out if s_out is not None else o, idx if idx is not None else o,
-        o, cu if cu is not None else o, T, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
+        o, cu if cu is not None else o, T, scale, q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
         VARLEN=cu is not None, HAS_S_IN=s_in is not None, STORE_S=s_out is not None, USE_IDX=idx is not None,
         num_warps=4 if BV >= 32 else 2)
     return o
