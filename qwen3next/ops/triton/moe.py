@@ -328,13 +328,14 @@ def _swiglu_bwd_kernel(dact, h, order, scale, dh, dscale, I, BLOCK_I: tl.constex
     tl.store(dh + r * 2 * I + I + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
 
 
-def _gemm_config(rows: int, experts: int, swiglu: bool) -> dict:
+def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> dict:
     """Tile shapes by the mean rows per expert: 16-row tiles for few rows (memory-bound, weight reads
-    dominate; the fastest of a sweep at 32 and 256 tokens on an H100: 90-95% of the copy bandwidth), 64/128-row
-    tiles for many (the fastest at 8192 tokens x 10 slots over 512 experts, benchmarks/moe_gpu.py)."""
+    dominate; the fastest of a sweep at 32 and 256 tokens on an H100: 90-95% of the copy bandwidth; fp32 takes
+    half the reduction depth, or gate and up tiles overflow shared memory), 64/128-row tiles for many (the
+    fastest at 8192 tokens x 10 slots over 512 experts, benchmarks/moe_gpu.py)."""
     mean = rows / max(experts, 1)
     if mean <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256 // max(element_size, 2), num_warps=4, num_stages=3)
     if mean <= 48:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     if swiglu:
@@ -351,7 +352,7 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
                   scale=None, swiglu_up_offset=None, h=None, config=None):
     """Launch `_grouped_gemm_kernel`; w_strides = (per-expert, per-output-column, per-reduction-step)."""
     M, E = order.shape[0], ends.shape[0]
-    cfg = config or _gemm_config(M, E, swiglu_up_offset is not None)
+    cfg = config or _gemm_config(M, E, swiglu_up_offset is not None, a.element_size())
     if M == 0:
         return out
     num_tiles = triton.cdiv(M, cfg["BLOCK_M"]) + min(E, M)
