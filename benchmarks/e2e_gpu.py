@@ -221,25 +221,30 @@ def hf_decode(hf, B, device):
     return state, step
 
 
-def profile_step(model, device, B, log):
-    """Kernel-time breakdown of the static step run eagerly (what the graph replays)."""
+def kernel_profile(fn, device, what, log, reps=3):
+    """Kernel-time breakdown of fn() (after two warm-up calls), per call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    decoder, _ = ours_decode(model, B, 8, device, graphs=False)
     for _ in range(2):
-        decoder.step(B)
+        fn()
     sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            decoder.step(B)
+        for _ in range(reps):
+            fn()
         sync(device)
     events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, not the ops above
-    total = sum(e.self_device_time_total for e in events) / 3
-    count = sum(e.count for e in events) / 3
-    log(f"profile: static step, batch {B}: {count:.0f} kernels, {total / 1e3:.3f} ms of kernel time per step")
+    total = sum(e.self_device_time_total for e in events) / reps
+    count = sum(e.count for e in events) / reps
+    log(f"profile: {what}: {count:.0f} kernels, {total / 1e3:.3f} ms of kernel time per call")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
-        log(f"  {e.self_device_time_total / 3 / 1e3:8.3f} ms  x{e.count // 3:4d}  {e.key[:110]}")
+        log(f"  {e.self_device_time_total / reps / 1e3:8.3f} ms  x{e.count // reps:4d}  {e.key[:110]}")
+
+
+def profile_step(model, device, B, log):
+    """Kernel-time breakdown of the static step run eagerly (what the graph replays)."""
+    decoder, _ = ours_decode(model, B, 8, device, graphs=False)
+    kernel_profile(lambda: decoder.step(B), device, f"static step, batch {B}", log)
     del decoder
 
 
@@ -283,6 +288,8 @@ def bench_variant(name, args, device, dtype, log):
             prefill(model, ids, None, cache, chunk_size=args.chunk)
 
         log(fmt(run_prefill("qwen3next", ours_prefill, device, T, args.reps, results, floor)))
+        if args.profile and device.type == "cuda" and T == lengths[0]:
+            kernel_profile(ours_prefill, device, f"prefill 1 x {T}", log, reps=1)
         if hf is not None:
             log(fmt(run_prefill("transformers", lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1),
                                 device, T, args.reps, results, floor)))
@@ -334,7 +341,7 @@ def main():
     parser.add_argument("--reps", type=int, default=3, help="timed prefills")
     parser.add_argument("--chunk", type=int, default=8192, help="our prefill chunk")
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="kernel breakdown of our decode step")
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of our first prefill and decode step")
     parser.add_argument("--small", action="store_true", help="tiny shapes (script check, any device)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()

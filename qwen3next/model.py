@@ -11,7 +11,6 @@ each one, so a left-padded row computes exactly what it computes alone.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -91,15 +90,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # --------------------------------------------------------------------------------------------- mixers
-@functools.cache
-def _conv_columns(num_k_heads: int, dk: int, rdv: int, device: torch.device) -> torch.Tensor:
-    """Columns of the fused qkvz projection (per key head: q [dk], k [dk], v [rdv], z [rdv]) that form the
-    conv's input, in its channel order: every head's q, then every head's k, then every head's v."""
-    head = torch.arange(num_k_heads, device=device)[:, None] * (2 * dk + 2 * rdv)
-    q, k, v = (head + start + torch.arange(width, device=device) for start, width in ((0, dk), (dk, dk), (2 * dk, rdv)))
-    return torch.cat([q.flatten(), k.flatten(), v.flatten()])
-
-
 class GatedDeltaNet(nn.Module):
     """Linear-attention mixer: projections, causal conv + SiLU, L2-normed q/k, the gated delta rule,
     gated RMSNorm, output projection (SPEC section 3).
@@ -137,13 +127,15 @@ class GatedDeltaNet(nn.Module):
     def split_projections(self, qkvz: torch.Tensor):
         """Undo the per-key-head grouping of the fused projection qkvz [B, T, Hk * (2 dk + 2 r dv)] (r = Hv / Hk;
         key head h holds its q [dk], k [dk], v [r dv], z [r dv]) -> (the conv's input [B, T, 2 Hk dk + Hv dv]:
-        all q, then all k, then all v channels, gathered in one op; z [B, T, Hv, dv]).
+        all q, then all k, then all v channels; z [B, T, Hv, dv]).
         (in_proj_ba's output goes to `gates`.)"""
         B, T, _ = qkvz.shape
         r = self.num_v_heads // self.num_k_heads
         dk, dv = self.head_k_dim, self.head_v_dim
-        mixed = qkvz.index_select(-1, _conv_columns(self.num_k_heads, dk, r * dv, qkvz.device))
-        z = qkvz.view(B, T, self.num_k_heads, -1)[..., 2 * dk + r * dv:]
+        q, k, v, z = qkvz.view(B, T, self.num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
+        mixed = qkvz.new_empty(B, T, self.conv_dim)
+        for part, start in ((q, 0), (k, self.key_dim), (v, 2 * self.key_dim)):  # one strided copy each
+            mixed[..., start:start + part.shape[-2] * part.shape[-1]].view(part.shape).copy_(part)
         return mixed, z.reshape(B, T, self.num_v_heads, dv)
 
     def split_mixed(self, mixed: torch.Tensor):
@@ -333,10 +325,12 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> (y [B, T, D], router logits [B*T, E])."""
         flat = x.reshape(-1, x.shape[-1])
+        # the shared expert first: its matmuls keep the GPU busy while the host launches routing and sorting
+        shared = self.shared_expert(flat)
         router_logits = F.linear(flat, self.gate.weight)
         weights, ids = ops.route(router_logits, self.top_k, self.norm_topk_prob)
         routed = ops.moe_experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-        out = ops.sigmoid_gate(self.shared_expert(flat), self.shared_expert_gate(flat), routed)
+        out = ops.sigmoid_gate(shared, self.shared_expert_gate(flat), routed)
         return out.view_as(x), router_logits
 
 
