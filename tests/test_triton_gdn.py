@@ -157,6 +157,22 @@ def test_pool_update_in_place_skips_padding():
     assert torch.equal(pool[[1, 2, 4]], pool_before[[1, 2, 4]])       # other rows untouched
 
 
+def test_chunk_reads_q_k_v_sliced_from_one_projection():
+    """The model passes q, k, v as views of its conv output [B, T, channels]: same outputs and gradients."""
+    HK, r, D, T = 2, 2, 16, 70
+    packed = torch.randn(2, T, HK * D * 2 + HK * r * D + 5, device=DEVICE, requires_grad=True)
+    q, k, v = (t.unflatten(-1, (-1, D)) for t in packed[..., :-5].split([HK * D, HK * D, HK * r * D], dim=-1))
+    g = F.logsigmoid(torch.randn(2, T, HK * r, device=DEVICE))
+    beta = torch.rand(2, T, HK * r, device=DEVICE)
+    assert not q.is_contiguous() and not v.is_contiguous()
+    o = tgd.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+    o_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
+    do = torch.randn_like(o_ref)
+    grad = torch.autograd.grad((o * do).sum(), packed)[0]
+    grad_ref = torch.autograd.grad((o_ref * do).sum(), packed)[0]
+    assert rel(o, o_ref) < FWD_TOL and rel(grad, grad_ref) < GRAD_TOL
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_recurrent_reads_q_k_v_sliced_from_one_projection(T):
     """The decode step passes q, k, v as views of one [B, T, channels] tensor (no copies): same results."""

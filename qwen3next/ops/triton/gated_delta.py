@@ -59,24 +59,25 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile_load(ptr, bos, L, head, H: tl.constexpr, D: tl.constexpr, row0, col0, BR: tl.constexpr, BC: tl.constexpr):
+def _tile_load(ptr, bos, L, head, stride, D: tl.constexpr, row0, col0, BR: tl.constexpr, BC: tl.constexpr):
     """Rows row0.. (< L) of the sequence starting at token `bos`, columns col0.. (< D), of a packed
-    [tokens, H, D] tensor at head `head`: a [BR, BC] tile in the tensor's dtype, zero outside."""
+    [tokens, H, D] tensor (`stride` elements from one token to the next, H * D when contiguous) at head
+    `head`: a [BR, BC] tile in the tensor's dtype, zero outside."""
     rows = row0 + tl.arange(0, BR)
     cols = col0 + tl.arange(0, BC)
-    base = ptr + (bos * H + head) * D
-    return tl.load(base + rows[:, None] * (H * D) + cols[None, :], mask=(rows < L)[:, None] & (cols < D)[None, :],
+    base = ptr + bos * stride + head * D
+    return tl.load(base + rows[:, None] * stride + cols[None, :], mask=(rows < L)[:, None] & (cols < D)[None, :],
                    other=0.0)
 
 
 @triton.jit
-def _tile_store(ptr, bos, L, head, H: tl.constexpr, D: tl.constexpr, row0, col0, BR: tl.constexpr,
+def _tile_store(ptr, bos, L, head, stride, D: tl.constexpr, row0, col0, BR: tl.constexpr,
                 BC: tl.constexpr, val):
     """Store a [BR, BC] tile where `_tile_load` would read it (cast to the tensor's dtype)."""
     rows = row0 + tl.arange(0, BR)
     cols = col0 + tl.arange(0, BC)
-    base = ptr + (bos * H + head) * D
-    tl.store(base + rows[:, None] * (H * D) + cols[None, :], val.to(ptr.dtype.element_ty),
+    base = ptr + bos * stride + head * D
+    tl.store(base + rows[:, None] * stride + cols[None, :], val.to(ptr.dtype.element_ty),
              mask=(rows < L)[:, None] & (cols < D)[None, :])
 
 
@@ -153,15 +154,15 @@ def _sequence(cu, n):
 
 
 @triton.jit
-def _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+def _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
     """What every chunk kernel reads of the chunk at row r0 of a sequence: q, k tiles [64, BK] as stored, their
     row factors (q's times scale), c, c_C, beta (`_load_gates`) and T [64, 64]."""
     t = bos + r0 + tl.arange(0, 64)
-    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    qd = _tile_load(q, bos, L, hk, stride_q, DK, r0, 0, 64, BK)
+    kd = _tile_load(k, bos, L, hk, stride_k, DK, r0, 0, 64, BK)
     c, c_last, bb = _load_gates(g, beta, t, t < eos, hv, HV)
-    tb = _tile_load(tinv, bos, L, hv, HV, 64, r0, 0, 64, 64)
+    tb = _tile_load(tinv, bos, L, hv, HV * 64, 64, r0, 0, 64, 64)
     return qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), c, c_last, bb, tb
 
 
@@ -170,7 +171,7 @@ def _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV: tl.constexpr, PRE
                   PREC: tl.constexpr):
     """The chunk's P: read from the scores kernel's output (PRE_P) or formed here."""
     if PRE_P:
-        p = _tile_load(pmat, bos, L, hv, HV, 64, r0, 0, 64, 64)
+        p = _tile_load(pmat, bos, L, hv, HV * 64, 64, r0, 0, 64, 64)
     else:
         p = _scores(qd, kd, fq, fk, c, PREC)
     return p
@@ -218,7 +219,7 @@ def _store_block(ptr, t0, eos, hv, HV: tl.constexpr, i: tl.constexpr, j: tl.cons
 
 
 @triton.jit
-def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
+def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos, stride_k,
                           HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BKC: tl.constexpr,
                           L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
@@ -232,10 +233,10 @@ def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
     s0 = tl.zeros([16], dtype=tl.float32)
     s1, s2, s3 = s0, s0, s0
     for kc in range(0, DK, BKC):
-        k0 = _tile_load(k, bos, L, hk, HK, DK, r0, kc, 16, BKC)
-        k1 = _tile_load(k, bos, L, hk, HK, DK, r0 + 16, kc, 16, BKC)
-        k2 = _tile_load(k, bos, L, hk, HK, DK, r0 + 32, kc, 16, BKC)
-        k3 = _tile_load(k, bos, L, hk, HK, DK, r0 + 48, kc, 16, BKC)
+        k0 = _tile_load(k, bos, L, hk, stride_k, DK, r0, kc, 16, BKC)
+        k1 = _tile_load(k, bos, L, hk, stride_k, DK, r0 + 16, kc, 16, BKC)
+        k2 = _tile_load(k, bos, L, hk, stride_k, DK, r0 + 32, kc, 16, BKC)
+        k3 = _tile_load(k, bos, L, hk, stride_k, DK, r0 + 48, kc, 16, BKC)
         if L2NORM:
             s0 += tl.sum(k0.to(tl.float32) * k0.to(tl.float32), 1)
             s1 += tl.sum(k1.to(tl.float32) * k1.to(tl.float32), 1)
@@ -306,7 +307,7 @@ def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos,
 
 
 @triton.jit
-def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale,
+def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale, stride_q, stride_k,
                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
                          L2NORM: tl.constexpr, PREC: tl.constexpr):
     """P of every chunk (parallel over chunks x value heads): P_ij = exp(c_i - c_j) q_i.k_j for j <= i, with
@@ -316,11 +317,11 @@ def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale,
     bos, eos, L = _sequence(cu, tl.load(chunk_seq + cid))
     r0 = tl.load(chunk_pos + cid) * 64
     t = bos + r0 + tl.arange(0, 64)
-    qd = _tile_load(q, bos, L, hk, HK, DK, r0, 0, 64, BK)
-    kd = _tile_load(k, bos, L, hk, HK, DK, r0, 0, 64, BK)
+    qd = _tile_load(q, bos, L, hk, stride_q, DK, r0, 0, 64, BK)
+    kd = _tile_load(k, bos, L, hk, stride_k, DK, r0, 0, 64, BK)
     c = tl.cumsum(tl.load(g + t * HV + hv, mask=t < eos, other=0.0).to(tl.float32), 0)
     s = _scores(qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), c, PREC)
-    _tile_store(p, bos, L, hv, HV, 64, r0, 0, 64, 64, s)
+    _tile_store(p, bos, L, hv, HV * 64, 64, r0, 0, 64, 64, s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale,
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off, scale,
+def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off, scale, stride_q, stride_k, stride_v,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, PRE_P: tl.constexpr,
@@ -344,9 +345,9 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
         r0 = ci * 64
         if STORE_HS:
             _state_store(hs, coff + ci, hv, HV, DK, DV, v0, BK, BV, S.to(hs.dtype.element_ty))
-        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
                                                           HK, HV, DK, BK, L2NORM)
-        vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
+        vb = _tile_load(v, bos, L, hv, stride_v, DV, r0, v0, 64, BV).to(tl.float32)
         gam = tl.exp(c)
         sd = S.to(dt)
         ks = tl.dot(kd, sd, input_precision=PREC)
@@ -354,7 +355,7 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
         p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
         ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
             + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
-        _tile_store(o, bos, L, hv, HV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
+        _tile_store(o, bos, L, hv, HV * DV, DV, r0, v0, 64, BV, ob.to(o.dtype.element_ty))
         S = S * tl.exp(c_last) + tl.dot(tl.trans(kd), (df * (tl.exp(c_last - c) * fk)[:, None]).to(dt),
                                         input_precision=PREC)
     if STORE_HT:
@@ -366,7 +367,7 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, chunk_off, scale,
+def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, chunk_off, scale, stride_q, stride_k,
                             HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_DHT: tl.constexpr,
                             STORE_DH0: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr):
@@ -382,9 +383,9 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
         ci = nc - 1 - i
         r0 = ci * 64
         _state_store(dhs, coff + ci, hv, HV, DK, DV, v0, BK, BV, dS.to(dhs.dtype.element_ty))
-        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
                                                           HK, HV, DK, BK, L2NORM)
-        dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
+        dob = _tile_load(do, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
         gam = tl.exp(c)
         p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
         dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
@@ -403,6 +404,7 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
 
 @triton.jit
 def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, cu, chunk_seq, chunk_pos, scale,
+                      stride_q, stride_k, stride_v,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
     cid, hv = tl.program_id(0), tl.program_id(1)
@@ -413,7 +415,7 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     t = bos + r0 + rt
     tm = t < eos
     dt = q.dtype.element_ty
-    qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+    qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
                                                       HK, HV, DK, BK, L2NORM)
     gam = tl.exp(c)
     e = tl.exp(c_last - c)
@@ -429,15 +431,15 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     for v0 in range(0, DV, BV):
         sd = _state_load(hs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
         dsd = _state_load(dhs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
-        vb = _tile_load(v, bos, L, hv, HV, DV, r0, v0, 64, BV).to(tl.float32)
-        dob = _tile_load(do, bos, L, hv, HV, DV, r0, v0, 64, BV)
+        vb = _tile_load(v, bos, L, hv, stride_v, DV, r0, v0, 64, BV).to(tl.float32)
+        dob = _tile_load(do, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
         ks = fk[:, None] * tl.dot(kd, sd, input_precision=PREC)
         resid = vb - gam[:, None] * ks
         d = tl.dot(tb, (bb[:, None] * resid).to(dt), input_precision=PREC)
         ke_ds = (e * fk)[:, None] * tl.dot(kd, dsd, input_precision=PREC)
         y = tl.dot(tl.trans(tb), (tl.dot(tl.trans(pd), dob, input_precision=PREC) + ke_ds).to(dt),
                    input_precision=PREC)
-        _tile_store(dv, bos, L, hv, HV, DV, r0, v0, 64, BV, (bb[:, None] * y).to(dv.dtype.element_ty))
+        _tile_store(dv, bos, L, hv, HV * DV, DV, r0, v0, 64, BV, (bb[:, None] * y).to(dv.dtype.element_ty))
         db += tl.sum(y * resid, 1)
         dc -= bb * gam * tl.sum(y * ks, 1)
         z += tl.sum(ke_ds * d, 1)
@@ -466,8 +468,8 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     dc += tl.sum(m3, 1) - tl.sum(m3, 0)
     dc += tl.where(rt == 63, tl.exp(c_last) * tl.sum(s_ds, 0) + tl.sum(z, 0), 0.0)
     dgv = tl.sum(dc, 0) - tl.cumsum(dc, 0) + dc        # dg_m = sum_{i >= m} dc_i
-    _tile_store(dq, bos, L, hv, HV, DK, r0, 0, 64, BK, dq_b * scale)
-    _tile_store(dk, bos, L, hv, HV, DK, r0, 0, 64, BK, dk_b)
+    _tile_store(dq, bos, L, hv, HV * DK, DK, r0, 0, 64, BK, dq_b * scale)
+    _tile_store(dk, bos, L, hv, HV * DK, DK, r0, 0, 64, BK, dk_b)
     tl.store(dg + t * HV + hv, dgv, mask=tm)
     tl.store(dbeta + t * HV + hv, db, mask=tm)
 
@@ -566,8 +568,8 @@ TUNING = Tuning()
 
 
 def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, tuning=None):
-    """Kernels 1 and 2 on packed, contiguous inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv], g, beta
-    [tokens, Hv] fp32. Returns (o, final state or None, T, P or None, chunk-start states or None)."""
+    """Kernels 1 and 2 on packed inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv] (each token's heads
+    contiguous, tokens strided: `_token_rows`), g, beta [tokens, Hv] fp32 contiguous. Returns (o, final state or None, T, P or None, chunk-start states or None)."""
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
@@ -575,7 +577,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     prec = dot_precision(q.dtype)
     tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
     if layout.NB:
-        _chunk_inverse_kernel[(layout.NB, HV)](k, g, beta, tinv, layout.cu, layout.seq, layout.pos,
+        _chunk_inverse_kernel[(layout.NB, HV)](k, g, beta, tinv, layout.cu, layout.seq, layout.pos, k.stride(0),
                                                HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
                                                num_warps=tuning.inverse_warps)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
@@ -587,15 +589,16 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
         pmat = torch.empty_like(tinv)
         if layout.NB:
             _chunk_scores_kernel[(layout.NB, HV)](q, k, g, pmat, layout.cu, layout.seq, layout.pos, scale,
+                                                  q.stride(0), k.stride(0),
                                                   HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec,
                                                   num_warps=tuning.scores_warps)
-    o = torch.empty_like(v)
+    o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NB, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
     _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, v, g, beta, tinv, pmat if pmat is not None else tinv, h0 if h0 is not None else o, o,
         ht if ht is not None else o, hs if hs is not None else o, layout.cu, layout.first, scale,
-        HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
+        q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
         STORE_HT=output_final_state, STORE_HS=save_states, PRE_P=pmat is not None, PREC=prec,
         num_warps=tuning.warps, num_stages=tuning.stages)
     return o, ht, tinv, pmat, hs
@@ -613,18 +616,18 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, g, beta, tinv, pmat if pmat is not None else tinv, do, dht if dht is not None else do,
-        dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+        dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, q.stride(0), k.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
         BV=BV, L2NORM=l2norm, HAS_DHT=dht is not None, STORE_DH0=want_dh0, PRE_P=pmat is not None,
         PREC=prec, num_warps=tuning.warps, num_stages=tuning.stages)
     dq = torch.empty(n_tok, HV, DK, dtype=q.dtype, device=q.device)  # per value head: half the bytes of fp32
     dk = torch.empty_like(dq)
-    dv = torch.empty_like(v)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dg = torch.empty(n_tok, HV, dtype=torch.float32, device=q.device)
     dbeta = torch.empty_like(dg)
     if layout.NB:
         _chunk_bwd_kernel[(layout.NB, HV)](
             q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.seq,
-            layout.pos, scale, HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+            layout.pos, scale, q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
             BV=min(tuning.bwd_block_v, triton.next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
             num_warps=tuning.bwd_warps)
     r = HV // HK  # value heads of a group share their key head: their dq/dk are summed
@@ -670,8 +673,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         B, T, HK, DK = q.shape
         HV, DV = v.shape[2:]
         layout = blocks(B, T, cu_seqlens, CHUNK, False, q.device)
-        qp, kp = q.contiguous().view(B * T, HK, DK), k.contiguous().view(B * T, HK, DK)
-        vp = v.contiguous().view(B * T, HV, DV)
+        qp, kp, vp = _token_rows(q), _token_rows(k), _token_rows(v)  # views where the strides allow
         gp = g.float().contiguous().view(B * T, HV)
         bp = beta.float().contiguous().view(B * T, HV)
         h0 = initial_state.float().contiguous() if initial_state is not None else None
