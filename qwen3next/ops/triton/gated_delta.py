@@ -329,7 +329,8 @@ def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale, stride_q, 
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off, scale, stride_q, stride_k, stride_v,
+def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off, scale,
+                      stride_q, stride_k, stride_v,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
                       STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, PRE_P: tl.constexpr,
@@ -345,8 +346,8 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
         r0 = ci * 64
         if STORE_HS:
             _state_store(hs, coff + ci, hv, HV, DK, DV, v0, BK, BV, S.to(hs.dtype.element_ty))
-        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
-                                                          HK, HV, DK, BK, L2NORM)
+        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                                                          stride_q, stride_k, HK, HV, DK, BK, L2NORM)
         vb = _tile_load(v, bos, L, hv, stride_v, DV, r0, v0, 64, BV).to(tl.float32)
         gam = tl.exp(c)
         sd = S.to(dt)
@@ -367,7 +368,8 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, chunk_off, scale, stride_q, stride_k,
+def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, chunk_off, scale,
+                            stride_q, stride_k,
                             HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_DHT: tl.constexpr,
                             STORE_DH0: tl.constexpr, PRE_P: tl.constexpr, PREC: tl.constexpr):
@@ -383,8 +385,8 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
         ci = nc - 1 - i
         r0 = ci * 64
         _state_store(dhs, coff + ci, hv, HV, DK, DV, v0, BK, BV, dS.to(dhs.dtype.element_ty))
-        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
-                                                          HK, HV, DK, BK, L2NORM)
+        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                                                          stride_q, stride_k, HK, HV, DK, BK, L2NORM)
         dob = _tile_load(do, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
         gam = tl.exp(c)
         p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
@@ -415,8 +417,8 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     t = bos + r0 + rt
     tm = t < eos
     dt = q.dtype.element_ty
-    qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
-                                                      HK, HV, DK, BK, L2NORM)
+    qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
+                                                      stride_q, stride_k, HK, HV, DK, BK, L2NORM)
     gam = tl.exp(c)
     e = tl.exp(c_last - c)
     pd = _scores(qd, kd, fq, fk, c, PREC).to(dt)                                     # P, normalised q and k
@@ -569,7 +571,8 @@ TUNING = Tuning()
 
 def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, tuning=None):
     """Kernels 1 and 2 on packed inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv] (each token's heads
-    contiguous, tokens strided: `_token_rows`), g, beta [tokens, Hv] fp32 contiguous. Returns (o, final state or None, T, P or None, chunk-start states or None)."""
+    contiguous, tokens strided: `_token_rows`), g, beta [tokens, Hv] fp32 contiguous. Returns (o, final
+    state or None, T, P or None, chunk-start states or None)."""
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
@@ -598,7 +601,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, v, g, beta, tinv, pmat if pmat is not None else tinv, h0 if h0 is not None else o, o,
         ht if ht is not None else o, hs if hs is not None else o, layout.cu, layout.first, scale,
-        q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm, HAS_H0=h0 is not None,
+        q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
+        HAS_H0=h0 is not None,
         STORE_HT=output_final_state, STORE_HS=save_states, PRE_P=pmat is not None, PREC=prec,
         num_warps=tuning.warps, num_stages=tuning.stages)
     return o, ht, tinv, pmat, hs
@@ -616,7 +620,8 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, g, beta, tinv, pmat if pmat is not None else tinv, do, dht if dht is not None else do,
-        dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, q.stride(0), k.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
+        dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, q.stride(0), k.stride(0),
+        HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
         BV=BV, L2NORM=l2norm, HAS_DHT=dht is not None, STORE_DH0=want_dh0, PRE_P=pmat is not None,
         PREC=prec, num_warps=tuning.warps, num_stages=tuning.stages)
     dq = torch.empty(n_tok, HV, DK, dtype=q.dtype, device=q.device)  # per value head: half the bytes of fp32
@@ -741,7 +746,8 @@ def _recurrent(q, k, v, g, beta, scale, s_in, s_out, idx, cu, l2norm, N):
     _recurrent_kernel[(triton.cdiv(DV, BV), HV, N)](
         q, k, v, g.contiguous(), beta.contiguous(),
         s_in if s_in is not None else o, s_out if s_out is not None else o, idx if idx is not None else o,
-        o, cu if cu is not None else o, T, scale, q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
+        o, cu if cu is not None else o, T, scale, q.stride(0), k.stride(0), v.stride(0),
+        HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
         VARLEN=cu is not None, HAS_S_IN=s_in is not None, STORE_S=s_out is not None, USE_IDX=idx is not None,
         num_warps=4 if BV >= 32 else 2)
     return o
