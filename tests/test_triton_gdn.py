@@ -157,14 +157,19 @@ def test_pool_update_in_place_skips_padding():
     assert torch.equal(pool[[1, 2, 4]], pool_before[[1, 2, 4]])       # other rows untouched
 
 
+def sliced_inputs(B, T, requires_grad=False, HK=2, r=2, D=16):
+    """(packed [B, T, channels]; q, k, v as views of it, with 5 spare channels leaving a gap after each token;
+    g; beta): the layout in which the model hands its conv output to the kernels."""
+    packed = torch.randn(B, T, HK * D * 2 + HK * r * D + 5, device=DEVICE, requires_grad=requires_grad)
+    q, k, v = (t.unflatten(-1, (-1, D)) for t in packed[..., :-5].split([HK * D, HK * D, HK * r * D], dim=-1))
+    assert not q.is_contiguous() and not v.is_contiguous()
+    g = F.logsigmoid(torch.randn(B, T, HK * r, device=DEVICE))
+    return packed, q, k, v, g, torch.rand(B, T, HK * r, device=DEVICE)
+
+
 def test_chunk_reads_q_k_v_sliced_from_one_projection():
     """The model passes q, k, v as views of its conv output [B, T, channels]: same outputs and gradients."""
-    HK, r, D, T = 2, 2, 16, 70
-    packed = torch.randn(2, T, HK * D * 2 + HK * r * D + 5, device=DEVICE, requires_grad=True)
-    q, k, v = (t.unflatten(-1, (-1, D)) for t in packed[..., :-5].split([HK * D, HK * D, HK * r * D], dim=-1))
-    g = F.logsigmoid(torch.randn(2, T, HK * r, device=DEVICE))
-    beta = torch.rand(2, T, HK * r, device=DEVICE)
-    assert not q.is_contiguous() and not v.is_contiguous()
+    packed, q, k, v, g, beta = sliced_inputs(2, 70, requires_grad=True)
     o = tgd.chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
     o_ref = chunk_gated_delta_rule_ref(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
     do = torch.randn_like(o_ref)
@@ -176,15 +181,10 @@ def test_chunk_reads_q_k_v_sliced_from_one_projection():
 @pytest.mark.parametrize("T", [1, 3])
 def test_recurrent_reads_q_k_v_sliced_from_one_projection(T):
     """The decode step passes q, k, v as views of one [B, T, channels] tensor (no copies): same results."""
-    HK, r, D = 2, 2, 16
-    packed = torch.randn(3, T, HK * D * 2 + HK * r * D + 5, device=DEVICE)  # 5 extra channels: a gap per token
-    q, k, v = (t.unflatten(-1, (-1, D)) for t in packed[..., :-5].split([HK * D, HK * D, HK * r * D], dim=-1))
-    g = F.logsigmoid(torch.randn(3, T, HK * r, device=DEVICE))
-    beta = torch.rand(3, T, HK * r, device=DEVICE)
-    pool = torch.randn(4, HK * r, D, D, device=DEVICE)
+    _, q, k, v, g, beta = sliced_inputs(3, T)
+    pool = torch.randn(4, 4, 16, 16, device=DEVICE)
     pool_ref = pool.clone()
     idx = torch.tensor([2, 0, 3], dtype=torch.int32, device=DEVICE)
-    assert not q.is_contiguous() and not v.is_contiguous()
     o = tgd.recurrent_gated_delta_rule_update(q, k, v, g, beta, pool, idx, use_qk_l2norm_in_kernel=True)
     o_ref = recurrent_gated_delta_rule_update_ref(q, k, v, g, beta, pool_ref, idx, use_qk_l2norm_in_kernel=True)
     assert rel(o, o_ref) < FWD_TOL and rel(pool, pool_ref) < FWD_TOL

@@ -106,7 +106,7 @@ def moe_forward(module, inner, tp: TPRuntime, ep: EPRuntime, x: torch.Tensor):
     gate_up, down = module.experts.gate_up_proj, module.experts.down_proj
 
     x_all = tp.enter(flat)  # all tokens when the residual stream is sequence-parallel
-    partial = module.shared_expert(x_all) * torch.sigmoid(module.shared_expert_gate(x_all))
+    partial = ops.sigmoid_gate(module.shared_expert(x_all), module.shared_expert_gate(x_all))
     if ep.size > 1 and not ep.shares_tokens:
         routed = dispatch_to_experts(flat, weights, ids, gate_up, down, ep.group)  # this rank's own tokens
         return (tp.exit(partial) + routed).view_as(x), router_logits

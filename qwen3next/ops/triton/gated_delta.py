@@ -729,10 +729,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 def _token_rows(x: torch.Tensor) -> torch.Tensor:
     """x [B, T, H, D] as [B*T, H, D] with each token's [H, D] block contiguous: a view where the strides allow
     (e.g. q, k, v sliced out of one projection), else a contiguous copy."""
-    try:
-        rows = x.view(-1, *x.shape[2:])
-    except RuntimeError:
-        return x.contiguous().view(-1, *x.shape[2:])
+    rows = x.reshape(-1, *x.shape[2:])  # a view when B and T merge, else already a contiguous copy
     return rows if rows.stride()[1:] == (x.shape[3], 1) else rows.contiguous()
 
 

@@ -335,7 +335,7 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
     fastest at 8192 tokens x 10 slots over 512 experts, benchmarks/moe_gpu.py)."""
     mean = rows / max(experts, 1)
     if mean <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=256 // max(element_size, 2), num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if element_size <= 2 else 64, num_warps=4, num_stages=3)
     if mean <= 48:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
     if swiglu:
