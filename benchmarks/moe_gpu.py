@@ -2,7 +2,7 @@
 
 1. Checks: bf16 routing and experts (outputs and gradients of x, gate_up, down, routing weights, logits)
    against the fp32 references `route_ref` / `moe_experts_ref` on the same (bf16-rounded) values,
-   by ||ours - ref|| / ||ref||, on the grouped path (300 and 16 tokens) and the decode path (1, 3 tokens).
+   by ||ours - ref|| / ||ref||, on the grouped path (8192, 300 and 16 tokens) and the decode path (1, 3 tokens).
 2. Ceilings measured here: dense bf16 matmul rate and device-to-device copy bandwidth.
 3. Times (median of CUDA-event timings) of the whole block (router, routed experts, gated shared expert)
    for ours and transformers' experts implementations eager / grouped_mm / batched_mm, at 1, 64, 1024,
@@ -91,7 +91,7 @@ def check(shape, device, log):
     gate_up, down = gate_up32.bfloat16(), down32.bfloat16()
     gate_up32, down32 = gate_up.float(), down.float()
     worst = 0.0
-    for n in (300, 16, 3, 1):  # 16 tokens: most of the 512 experts get no rows
+    for n in (8192, 300, 16, 3, 1):  # 8192: 128-row tiles (short tails); 16: most of the 512 experts get no rows
         logits = rnd(n, E, scale=2.0).bfloat16()
         x = rnd(n, D).bfloat16()
         dout = rnd(n, D).bfloat16()
@@ -272,15 +272,16 @@ def sweep(shape, device, log, n=8192):
     log(f"sort: triton {timer(lambda: moe._sort_by_expert(ids, E), device):.3f} ms, "
         f"torch {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
         f"k-sum {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms")
-    cfg = lambda bm, bn, bk, w, s: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)  # noqa
-    for c in [cfg(128, 64, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(64, 64, 128, 4, 3), cfg(128, 32, 64, 4, 4),
-              cfg(64, 64, 64, 4, 4)]:
+    cfg = lambda bm, bn, bk, w, s, tails=0: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,  # noqa
+                                                  num_stages=s, SHORT_TAILS=tails)
+    for c in [cfg(128, 128, 64, 8, 4, 1), cfg(128, 128, 64, 8, 4), cfg(128, 128, 64, 8, 4, 2), cfg(128, 64, 64, 8, 3),
+              cfg(256, 64, 64, 8, 4), cfg(64, 128, 64, 4, 3)]:
         t = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
                                             swiglu_up_offset=I * gu[1], config=c), device)
         th = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
                                              swiglu_up_offset=I * gu[1], h=h, config=c), device)
         log(f"gate_up {c}: {t:.3f} ms (+h {th:.3f}), {2 * M * D * 2 * I / t / 1e9:.0f} TFLOP/s")
-    for c in [cfg(64, 128, 64, 8, 3), cfg(128, 128, 64, 8, 3), cfg(64, 256, 64, 8, 3), cfg(128, 64, 64, 4, 4)]:
+    for c in [cfg(128, 256, 64, 8, 4, 1), cfg(128, 256, 64, 8, 4), cfg(128, 128, 64, 8, 3), cfg(256, 128, 64, 8, 3)]:
         t_dn = timer(lambda: moe._grouped_gemm(act, down, order, ends, D, I, dn, rows, top_k=k, scatter=True,
                                                scale=w_flat, config=c), device)
         t_dx = timer(lambda: moe._grouped_gemm(h, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), rows,
@@ -290,11 +291,10 @@ def sweep(shape, device, log, n=8192):
         log(f"gemm {c}: down {t_dn:.3f}, dx {t_dx:.3f}, dact {t_da:.3f} ms")
     dgu, ddn = torch.empty_like(gate_up), torch.empty_like(down)
     wc = lambda bn, bk, br, w, s: dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=s)  # noqa
-    for c in [wc(128, 128, 64, 8, 3), wc(256, 128, 64, 8, 3), wc(128, 256, 64, 8, 3), wc(128, 128, 32, 8, 4),
+    for c in [wc(128, 128, 32, 4, 3), wc(128, 128, 64, 8, 3), wc(128, 256, 64, 8, 3), wc(128, 128, 32, 8, 4),
               wc(64, 128, 64, 4, 4)]:
         t1 = timer(lambda: moe._grouped_wgrad(h, x, order, ends, dgu, top_k=k, gather_a=True, config=c), device)
-        t2 = timer(lambda: moe._grouped_wgrad(x, act, order, ends, ddn, top_k=k, gather_g=True, scale=w_flat,
-                                              config=c), device)
+        t2 = timer(lambda: moe._grouped_wgrad(x, act, order, ends, ddn, top_k=k, gather_g=True, config=c), device)
         log(f"wgrad {c}: dgate_up {t1:.3f}, ddown {t2:.3f} ms")
     if hasattr(torch, "_grouped_mm"):
         try:
@@ -306,6 +306,9 @@ def sweep(shape, device, log, n=8192):
                 f"dx {timer(lambda: torch._grouped_mm(h, gate_up, offs=ends), device):.3f}, "
                 f"dgate_up {timer(lambda: torch._grouped_mm(h.t(), xg, offs=ends), device):.3f}, "
                 f"ddown {timer(lambda: torch._grouped_mm(rows.t(), act, offs=ends), device):.3f} ms")
+            dgu_run = timer(lambda: moe._weight_grad(h, x, order, ends, gate_up, top_k=k, gather_a=True), device)
+            ddn_run = timer(lambda: moe._weight_grad(x, act, order, ends, down, top_k=k, gather_g=True), device)
+            log(f"weight gradients as run (gathers included): dgate_up {dgu_run:.3f}, ddown {ddn_run:.3f} ms")
         except Exception as exc:
             log(f"torch._grouped_mm sweep failed: {type(exc).__name__}: {str(exc)[:300]}")
 

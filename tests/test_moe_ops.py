@@ -66,7 +66,10 @@ def _outputs_and_grads(fn, x, gate_up, down, weights, ids, dout):
 
 
 def _assert_matches_reference(fn, name, dtype=torch.float32, tol=FP32_TOL):
-    args = _case(name, dtype)
+    _assert_close_to_reference(fn, _case(name, dtype), tol)
+
+
+def _assert_close_to_reference(fn, args, tol=FP32_TOL):
     got = _outputs_and_grads(fn, *args)
     want = _outputs_and_grads(moe_experts_ref, *args)
     for label, a, b in zip(("out", "dx", "dgate_up", "ddown", "dweights"), got, want):
@@ -101,6 +104,20 @@ def test_torch_backend_dispatches_to_grouped_path(monkeypatch):
 def test_triton_grouped_matches_reference(name):
     moe = _triton_moe()
     _assert_matches_reference(moe.moe_experts, name)
+
+
+@pytest.mark.parametrize("short_tails", [0, 1, 2])
+def test_triton_grouped_short_tail_tiles(monkeypatch, short_tails):
+    """64-row tiles over experts whose last tile is full, at most half full, at most a quarter full, or
+    absent, with the short-tail paths off, to half height, and to quarter height: outputs and gradients."""
+    moe = _triton_moe()
+    counts = torch.tensor([64 + 10, 64 + 20, 40, 0, 5, 128])  # rows per expert
+    g = torch.Generator().manual_seed(short_tails)
+    ids = torch.repeat_interleave(torch.arange(len(counts)), counts)[torch.randperm(int(counts.sum()), generator=g)]
+    args = _inputs(int(counts.sum()), 32, 16, len(counts), 1, ids=ids[:, None])
+    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2, SHORT_TAILS=short_tails)
+    monkeypatch.setattr(moe, "_gemm_config", lambda *_: config)
+    _assert_close_to_reference(moe.moe_experts, args)
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"])

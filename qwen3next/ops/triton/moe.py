@@ -21,12 +21,14 @@ never read. For a few tokens without gradients, `moe_experts` instead runs two G
 selected experts' rows directly (no sort, no padding to tiles); each token's k results are summed inside
 the second kernel.
 
-Backward (`_MoEExperts.backward`): dact' = dout[t] . Wd[e] (grouped GEMM, gathered rows); one row kernel
-gives the routing-weight gradient (dact' . act), and dh = d(silu(g) * u) * w; dx rows = dh . Wg/u[e]
-(grouped GEMM, scattered and summed over slots like the forward); the weight gradients are grouped
-outer products over each expert's rows: `torch._grouped_mm` on CUDA where present (faster there), else
-our kernel (one program per expert and weight tile, a fixed row order: deterministic). Accumulation is
-fp32 everywhere; stored tensors take the inputs' dtype.
+Backward (`_MoEExperts.backward`; the forward saves the pre-activations h, not act): dact' = dout[t] . Wd[e]
+(grouped GEMM, gathered rows); one row kernel recomputes act from h and gives the routing-weight gradient
+(dact' . act), dh = d(silu(g) * u) * w, and w * act; dx rows = dh . Wg/u[e] (grouped GEMM, scattered and
+summed over slots like the forward); the weight gradients are grouped outer products over each expert's
+rows, dWg/u from dh and x[t], dWd from dout[t] and w * act (the weight scales the narrow operand):
+`torch._grouped_mm` on CUDA where present (faster there), else our kernel (one program per expert and
+weight tile, a fixed row order: deterministic). Accumulation is fp32 everywhere; stored tensors take the
+inputs' dtype.
 """
 
 from __future__ import annotations
@@ -206,25 +208,15 @@ def _operand_rows(pair, rows, TOP_K: tl.constexpr, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-    a, b, c, h, order, scale, ends, E, N_OUT, K,
+def _grouped_gemm_tile(
+    a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
     SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
-    k*stride_bk + n*stride_bn. row' = order[r] // TOP_K (GATHER_A: the token) else r; C's row = order[r]
-    (SCATTER_C: the (token, slot) position) else r. SCALE multiplies row r by scale[order[r]]. SWIGLU: a
-    second product with B shifted by up_offset gives `up`; C = silu(first) * up, and STORE_H keeps both
-    pre-activations in h [M, 2*N_OUT]."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N_OUT, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    e, row0, row_end = _tile_segment(ends, E, pid_m, BLOCK_M, BLOCK_E)
-    if e >= E:
-        return
+    """One output tile of `_grouped_gemm_kernel`: rows row0 .. row0 + BLOCK_M (masked at row_end) of expert
+    e, columns pid_n * BLOCK_N .. + BLOCK_N."""
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     pair = _pairs(order, rows, rmask, GATHER_A or SCATTER_C or SCALE)
@@ -269,15 +261,53 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
+def _grouped_gemm_kernel(
+    a, b, c, h, order, scale, ends, E, N_OUT, K,
+    stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
+    TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    SHORT_TAILS: tl.constexpr,
+):
+    """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
+    k*stride_bk + n*stride_bn. row' = order[r] // TOP_K (GATHER_A: the token) else r; C's row = order[r]
+    (SCATTER_C: the (token, slot) position) else r. SCALE multiplies row r by scale[order[r]]. SWIGLU: a
+    second product with B shifted by up_offset gives `up`; C = silu(first) * up, and STORE_H keeps both
+    pre-activations in h [M, 2*N_OUT]. SHORT_TAILS: an expert's last tile, when at most half full, runs
+    as a half-height tile (a quarter-height one when at most a quarter full), so it does not multiply
+    padding rows: at 160 rows per expert, 128-row tiles compute 256 rows, with short tails about 176."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N_OUT, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    e, row0, row_end = _tile_segment(ends, E, pid_m, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    rest = row_end - row0
+    if SHORT_TAILS >= 2 and rest <= BLOCK_M // 4:
+        _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
+                           stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
+                           SWIGLU, STORE_H, EVEN_K, PREC, BLOCK_M // 4, BLOCK_N, BLOCK_K)
+    elif SHORT_TAILS >= 1 and rest <= BLOCK_M // 2:
+        _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
+                           stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
+                           SWIGLU, STORE_H, EVEN_K, PREC, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+    else:
+        _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
+                           stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
+                           SWIGLU, STORE_H, EVEN_K, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def _grouped_wgrad_kernel(
-    g, a, order, scale, ends, dw, N_OUT, K,
+    g, a, order, ends, dw, N_OUT, K,
     stride_gm, stride_am, stride_we, stride_wn, stride_wk,
-    TOP_K: tl.constexpr, GATHER_G: tl.constexpr, GATHER_A: tl.constexpr, SCALE_G: tl.constexpr, PREC: tl.constexpr,
+    TOP_K: tl.constexpr, GATHER_G: tl.constexpr, GATHER_A: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dW[e][n, k] = sum over expert e's sorted rows r of G[r, n] * A[r, k] (fixed row order). G's row is
-    order[r] // TOP_K with GATHER_G (a token's row) and is scaled by scale[order[r]] with SCALE_G; likewise
-    A's row with GATHER_A. One program per (expert, weight tile); experts without rows get zeros."""
+    order[r] // TOP_K with GATHER_G (a token's row), else r; likewise A's row with GATHER_A. One program per
+    (expert, weight tile); experts without rows get zeros."""
     e = tl.program_id(1)
     pid = tl.program_id(0)
     num_k = tl.cdiv(K, BLOCK_K)
@@ -293,14 +323,11 @@ def _grouped_wgrad_kernel(
     for r0 in range(start, end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rmask = rows < end
-        pair = _pairs(order, rows, rmask, GATHER_G or GATHER_A or SCALE_G)
+        pair = _pairs(order, rows, rmask, GATHER_G or GATHER_A)
         g_rows = _operand_rows(pair, rows, TOP_K, GATHER_G)
         a_rows = _operand_rows(pair, rows, TOP_K, GATHER_A)
         g_tile = tl.load(g + g_rows[:, None] * stride_gm + ns[None, :], mask=rmask[:, None] & nmask[None, :],
                          other=0.0)
-        if SCALE_G:
-            w = tl.load(scale + pair, mask=rmask, other=0.0).to(tl.float32)
-            g_tile = (g_tile.to(tl.float32) * w[:, None]).to(g.dtype.element_ty)
         a_tile = tl.load(a + a_rows[:, None] * stride_am + ks[None, :], mask=rmask[:, None] & kmask[None, :],
                          other=0.0)
         acc = tl.dot(tl.trans(g_tile), a_tile, acc, input_precision=PREC)
@@ -309,43 +336,54 @@ def _grouped_wgrad_kernel(
 
 
 @triton.jit
-def _swiglu_bwd_kernel(dact, h, order, scale, dh, dscale, I, BLOCK_I: tl.constexpr):
-    """Row r: a = silu(g) * u from h = [g | u]; dscale[order[r]] = dact . a (the routing-weight gradient,
-    dact not yet weighted); dh = [da * u * silu'(g) | da * silu(g)] with da = w * dact."""
+def _swiglu_bwd_kernel(dact, h, order, scale, dh, dscale, act_w, I, HAS_DACT: tl.constexpr, STORE_ACT_W: tl.constexpr,
+                       BLOCK_I: tl.constexpr):
+    """Row r of the expert-sorted rows: h = [g | u] its pre-activations, a = silu(g) * u, w = scale[order[r]].
+    HAS_DACT (dact: the gradient of a, not yet weighted): dscale[order[r]] = dact . a (the routing-weight
+    gradient) and dh = [da * u * silu'(g) | da * silu(g)] with da = w * dact. STORE_ACT_W: act_w = w * a,
+    the down projection's weight-gradient operand (so that its [M, D] gradient rows need no scaling)."""
     r = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_I)
     m = cols < I
     pair = tl.load(order + r)
     w = tl.load(scale + pair).to(tl.float32)
-    da = tl.load(dact + r * I + cols, mask=m, other=0.0).to(tl.float32)
     gate = tl.load(h + r * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
     up = tl.load(h + r * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
-    tl.store(dscale + pair, tl.sum(da * silu * up, 0))
-    da = da * w
-    tl.store(dh + r * 2 * I + cols, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(dh.dtype.element_ty), mask=m)
-    tl.store(dh + r * 2 * I + I + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
+    if STORE_ACT_W:
+        tl.store(act_w + r * I + cols, (w * silu * up).to(act_w.dtype.element_ty), mask=m)
+    if HAS_DACT:
+        da = tl.load(dact + r * I + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(dscale + pair, tl.sum(da * silu * up, 0))
+        da = da * w
+        tl.store(dh + r * 2 * I + cols, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(dh.dtype.element_ty),
+                 mask=m)
+        tl.store(dh + r * 2 * I + I + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
 
 
 def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> dict:
     """Tile shapes by the mean rows per expert: 16-row tiles for few rows (memory-bound, weight reads
     dominate; the fastest of a sweep at 32 and 256 tokens on an H100: 90-95% of the copy bandwidth; fp32 takes
-    half the reduction depth, or gate and up tiles overflow shared memory), 64/128-row tiles for many (the
-    fastest at 8192 tokens x 10 slots over 512 experts, benchmarks/moe_gpu.py)."""
+    half the reduction depth, or gate and up tiles overflow shared memory), 32-row tiles up to 48 rows, and
+    128-row tiles with short tails beyond (gate/up down to a quarter, down to half height): in 16-bit,
+    128 x 256 outputs (gate and up 128 columns each) four stages deep, the fastest at 8192 tokens x 10 slots
+    over 512 experts on an H100 (gate/up 1.02-1.05 ms, down 0.68, against 1.15 and 0.75-0.83 with the
+    128 x 128 tiles that fp32 keeps for shared memory; benchmarks/moe_gpu.py sweep)."""
     mean = rows / max(experts, 1)
     if mean <= 16:
         return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if element_size <= 2 else 64, num_warps=4, num_stages=3)
     if mean <= 48:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
-    if swiglu:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    wide = element_size <= 2
+    block_n = (128 if wide else 64) if swiglu else (256 if wide else 128)
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=4 if wide else 3,
+                SHORT_TAILS=2 if swiglu else 1)
 
 
-def _wgrad_config(k_dim: int) -> dict:
-    """Weight-gradient tiles (fastest in the same sweep): wider reduction tiles when K is short (down, K = I)."""
-    return dict(BLOCK_N=128, BLOCK_K=256 if k_dim <= 512 else 128, BLOCK_R=64, num_warps=8, num_stages=3)
+# Weight-gradient tiles: the fastest of the sweep for both projections (dgate_up 1.78 ms, ddown 0.95 at 8192
+# tokens on an H100; 32-row reduction steps, four warps).
+WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stages=3)
 
 
 def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gather_a=False, scatter=False,
@@ -364,41 +402,38 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
         SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
         PREC=dot_precision(a.dtype),
-        BLOCK_E=triton.next_power_of_2(E), **cfg)
+        BLOCK_E=triton.next_power_of_2(E), **{"SHORT_TAILS": 0, **cfg})
     return out
 
 
-def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=False, scale=None, config=None):
+def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=False, config=None):
     """Launch `_grouped_wgrad_kernel`: dw [E, N_OUT, K] from g [*, N_OUT] and a [*, K]."""
     E, n_out, k_dim = dw.shape
-    cfg = config or _wgrad_config(k_dim)
+    cfg = config or WGRAD_CONFIG
     grid = (triton.cdiv(n_out, cfg["BLOCK_N"]) * triton.cdiv(k_dim, cfg["BLOCK_K"]), E)
     _grouped_wgrad_kernel[grid](
-        g, a, order, scale if scale is not None else g, ends, dw, n_out, k_dim,
-        g.stride(0), a.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
-        TOP_K=top_k, GATHER_G=gather_g, GATHER_A=gather_a, SCALE_G=scale is not None,
-        PREC=dot_precision(g.dtype), **cfg)
+        g, a, order, ends, dw, n_out, k_dim, g.stride(0), a.stride(0), dw.stride(0), dw.stride(1), dw.stride(2),
+        TOP_K=top_k, GATHER_G=gather_g, GATHER_A=gather_a, PREC=dot_precision(g.dtype), **cfg)
     return dw
 
 
-def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=False, scale=None):
+def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=False):
     """dW [E, N_OUT, K] = sum over expert e's rows of G[r]^T A[r] (rows as in `_grouped_wgrad_kernel`).
 
     On CUDA where `torch._grouped_mm` takes the operands, the rows are gathered and one grouped product
-    (CUTLASS, empty groups give zeros in this layout) does it: 1.7 and 1.1 ms against our kernel's 2.0 and
-    1.2 ms for gate_up and down at 8192 tokens on an H100 (benchmarks/moe_gpu.py sweep). Else our kernel.
+    (CUTLASS, empty groups give zeros in this layout) does it: 1.61 and 0.93 ms with the gathers against our
+    kernel's 1.78 and 0.95 for gate_up and down at 8192 tokens on an H100 (benchmarks/moe_gpu.py sweep).
+    Else our kernel.
     """
     if g.is_cuda and ends.shape[0] < 1024 and _grouped_mm_takes(g, a):  # its CUDA kernel takes < 1024 groups
         token = order // top_k
         if gather_g:
             g = g[token]
-        if scale is not None:  # fp32 routing weights: scaled in fp32, rounded once to the operands' dtype
-            g = (g.float() * scale[order, None].float()).to(a.dtype)
         if gather_a:
             a = a[token]
         return torch._grouped_mm(g.t(), a, offs=ends)
     return _grouped_wgrad(g, a, order, ends, torch.empty_like(like), top_k=top_k, gather_g=gather_g,
-                          gather_a=gather_a, scale=scale)
+                          gather_a=gather_a)
 
 
 class _MoEExperts(torch.autograd.Function):
@@ -419,36 +454,43 @@ class _MoEExperts(torch.autograd.Function):
         dn = down.stride()
         _grouped_gemm(act, down, order, ends, D, I, (dn[0], dn[1], dn[2]), rows, top_k=k, scatter=True,
                       scale=w_flat)
-        if training:
-            ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, act, h)
+        if training:  # act is recomputed from h in the backward
+            ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, h)
             ctx.shape = (N, k, weights.dtype)
         return rows.view(N, k, D).sum(1)
 
     @staticmethod
     def backward(ctx, dout):
-        x, gate_up, down, w_flat, order, ends, act, h = ctx.saved_tensors
-        (N, k, w_dtype), (M, I), D = ctx.shape, act.shape, x.shape[1]
+        x, gate_up, down, w_flat, order, ends, h = ctx.saved_tensors
+        (N, k, w_dtype), (M, I), D = ctx.shape, (h.shape[0], h.shape[1] // 2), x.shape[1]
         need_x, need_gu, need_dn, need_w = ctx.needs_input_grad[:4]
         dout = dout.to(x.dtype).contiguous()  # an fp32 gradient may reach a bf16 output
         dx = dgu = ddn = dw = None
-        if need_x or need_gu or need_w:
+        need_dact = need_x or need_gu or need_w
+        dact = dh = dscale = act_w = None
+        if need_dact:
             dn = down.stride()  # dact'[r, i] = sum_d dout[t, d] * down[e, d, i]
             dact = _grouped_gemm(dout, down, order, ends, I, D, (dn[0], dn[2], dn[1]), x.new_empty(M, I),
                                  top_k=k, gather_a=True)
             dh = torch.empty_like(h)
             dscale = torch.empty(M, device=x.device, dtype=torch.float32)
-            _swiglu_bwd_kernel[(M,)](dact, h, order, w_flat, dh, dscale, I, BLOCK_I=triton.next_power_of_2(I),
-                                     num_warps=4)
-            dw = dscale.view(N, k).to(w_dtype) if need_w else None
-            if need_x:
-                gu = gate_up.stride()  # dx rows[r, d] = sum_j dh[r, j] * gate_up[e, j, d]
-                rows = _grouped_gemm(dh, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]),
-                                     x.new_empty(M, D), top_k=k, scatter=True)
-                dx = rows.view(N, k, D).sum(1)
-            if need_gu:
-                dgu = _weight_grad(dh, x, order, ends, gate_up, top_k=k, gather_a=True)
         if need_dn:
-            ddn = _weight_grad(dout, act, order, ends, down, top_k=k, gather_g=True, scale=w_flat)
+            act_w = x.new_empty(M, I)
+        if M > 0:
+            _swiglu_bwd_kernel[(M,)](dact if need_dact else h, h, order, w_flat, dh if need_dact else h,
+                                     dscale if need_dact else w_flat, act_w if need_dn else h, I, HAS_DACT=need_dact,
+                                     STORE_ACT_W=need_dn, BLOCK_I=triton.next_power_of_2(I), num_warps=4)
+        if need_w:
+            dw = dscale.view(N, k).to(w_dtype)
+        if need_x:
+            gu = gate_up.stride()  # dx rows[r, d] = sum_j dh[r, j] * gate_up[e, j, d]
+            rows = _grouped_gemm(dh, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), x.new_empty(M, D),
+                                 top_k=k, scatter=True)
+            dx = rows.view(N, k, D).sum(1)
+        if need_gu:
+            dgu = _weight_grad(dh, x, order, ends, gate_up, top_k=k, gather_a=True)
+        if need_dn:
+            ddn = _weight_grad(dout, act_w, order, ends, down, top_k=k, gather_g=True)
         return dx, dgu, ddn, dw, None
 
 
