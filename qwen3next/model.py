@@ -79,16 +79,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, hd]; cos/sin [B, T, r]: rotate the first r dims of each head, pass the rest."""
-    r = cos.shape[-1]
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
-
-
 # --------------------------------------------------------------------------------------------- mixers
 class GatedDeltaNet(nn.Module):
     """Linear-attention mixer: projections, causal conv + SiLU, L2-normed q/k, the gated delta rule,
@@ -223,19 +213,20 @@ class GatedAttention(nn.Module):
 
     def project(self, x, cos, sin):
         """x [B, T, D] -> query [B, H, T, hd], key, value [B, Hkv, T, hd] (normed, rotated) and the output
-        gate [B, T, H * hd]."""
+        gate [B, T, H, hd] (a view of q_proj's output)."""
         B, T, _ = x.shape
         hd = self.head_dim
         query, gate = self.q_proj(x).view(B, T, self.num_heads, 2 * hd).chunk(2, dim=-1)
-        query = apply_rotary(self.q_norm(query), cos, sin).transpose(1, 2)
-        key = apply_rotary(self.k_norm(self.k_proj(x).view(B, T, self.num_kv_heads, hd)), cos, sin).transpose(1, 2)
+        query = ops.rms_norm_rotary(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
+        key = self.k_proj(x).view(B, T, self.num_kv_heads, hd)
+        key = ops.rms_norm_rotary(key, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
         value = self.v_proj(x).view(B, T, self.num_kv_heads, hd).transpose(1, 2)
-        return query, key, value, gate.reshape(B, T, -1)
+        return query, key, value, gate
 
     def output(self, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """Attention output [B, H, T, hd] times sigmoid(gate [B, T, H * hd]), through o_proj."""
+        """Attention output [B, H, T, hd] times sigmoid(gate [B, T, H, hd]), through o_proj."""
         B, _, T, _ = out.shape
-        return self.o_proj(ops.sigmoid_gate(out.transpose(1, 2).reshape(B, T, -1), gate))
+        return self.o_proj(ops.sigmoid_gate(out.transpose(1, 2), gate).reshape(B, T, -1))
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None):
         """x [B, T, D]; cos/sin [B, T, r]; attn_mask: bool [B, 1, T, S] (True = attend), a

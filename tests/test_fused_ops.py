@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from qwen3next.ops.fused import add_rms_norm_ref, gdn_gates_ref, sigmoid_gate_ref
+from qwen3next.ops.fused import add_rms_norm_ref, gdn_gates_ref, rms_norm_rotary_ref, sigmoid_gate_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -111,12 +111,49 @@ def test_sigmoid_gate_kernel(dtype, shape, bcast, residual):
     assert rel_err(want, plain) <= _tol(dtype)
 
 
+def _rotary_inputs(B, T, H, hd, r, dtype, seed=0):
+    """x as the query half of a [B, T, H, 2 hd] projection (a strided view), weight, and rope tables."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, 2 * hd, generator=g).to(DEVICE, dtype)[..., :hd]
+    w = (torch.randn(hd, generator=g) * 0.1).to(DEVICE, dtype)
+    angle = torch.rand(B, T, r // 2, generator=g) * 6.3
+    angle = torch.cat([angle, angle], -1)
+    return x, w, angle.cos().to(DEVICE, dtype), angle.sin().to(DEVICE, dtype)
+
+
+def test_rms_norm_rotary_reference_is_norm_then_rotation():
+    x, w, cos, sin = _rotary_inputs(2, 3, 2, 16, 8, torch.float64)
+    y = rms_norm_rotary_ref(x, w, cos, sin, 1e-6)
+    n = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + w)
+    c, s = cos[:, :, None], sin[:, :, None]
+    assert torch.allclose(y[..., :4], n[..., :4] * c[..., :4] - n[..., 4:8] * s[..., :4])
+    assert torch.allclose(y[..., 4:8], n[..., 4:8] * c[..., 4:8] + n[..., :4] * s[..., 4:8])
+    assert torch.allclose(y[..., 8:], n[..., 8:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,hd,r", [(1, 1, 2, 32, 8), (2, 5, 3, 64, 64), (1, 7, 1, 48, 16), (3, 2, 16, 256, 64)])
+def test_rms_norm_rotary_kernel(dtype, B, T, H, hd, r):
+    fused = _triton()
+    x, w, cos, sin = _rotary_inputs(B, T, H, hd, r, dtype, seed=hd + r)
+    got = fused.rms_norm_rotary(x, w, cos, sin, 1e-6)
+    want = rms_norm_rotary_ref(x, w, cos, sin, 1e-6)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous() and not got.isnan().any()
+    assert rel_err(got, want) <= _tol(dtype)
+
+
 def test_kernels_defer_to_the_reference_under_autograd():
     fused = _triton()
     x = torch.randn(3, 8, device=DEVICE, requires_grad=True)
     gate = torch.randn(3, 1, device=DEVICE)
     fused.sigmoid_gate(x, gate).sum().backward()
     assert torch.allclose(x.grad, torch.sigmoid(gate).expand(3, 8))
+    x, w, cos, sin = _rotary_inputs(1, 3, 2, 16, 8, torch.float32)
+    dy = torch.randn(x.shape, device=DEVICE)
+    leaves = [x.clone().requires_grad_() for _ in range(2)]
+    grads = [torch.autograd.grad(fn(t, w, cos, sin), t, dy)[0]
+             for fn, t in zip((fused.rms_norm_rotary, rms_norm_rotary_ref), leaves)]
+    assert rel_err(*grads) <= 1e-5
 
 
 def test_bad_inputs():
@@ -131,3 +168,8 @@ def test_bad_inputs():
         fused.add_rms_norm(x, x[:1], torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="gate must be like x"):
         fused.sigmoid_gate(x, torch.randn(2, 3, device=DEVICE))
+    x, w, cos, sin = _rotary_inputs(1, 3, 2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="even r"):
+        fused.rms_norm_rotary(x, w, cos[..., :7], sin[..., :7])
+    with pytest.raises(ValueError, match="weight"):
+        fused.rms_norm_rotary(x, w[:-1], cos, sin)

@@ -4,6 +4,7 @@ Each one replaces several small launches in a decode step (see `benchmarks/e2e_g
   gdn_gates     the Gated DeltaNet layer's write strength and decay from its `in_proj_ba` output
   add_rms_norm  the residual add and the zero-centred RMSNorm after it
   sigmoid_gate  x * sigmoid(gate) (+ residual): attention's output gate, the shared expert's gate
+  rms_norm_rotary  attention's per-head query/key RMSNorm and the rotary embedding after it
 """
 
 from __future__ import annotations
@@ -53,3 +54,31 @@ def sigmoid_gate_ref(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor
     """x * sigmoid(gate), plus `residual` if given; x [..., D], gate [..., D] or [..., 1], residual like x."""
     out = x * torch.sigmoid(gate)
     return out if residual is None else residual + out
+
+
+def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of the first r dims of each head, the rest passed: x [B, T, H, hd];
+    cos/sin [B, T, r] (each half of the r columns repeats the frequencies); in x's dtype."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def check_rms_norm_rotary_inputs(x, weight, cos, sin) -> None:
+    """Raise a clear error unless x is [B, T, H, hd], weight [hd], cos and sin [B, T, r] with r even, <= hd."""
+    if x.dim() != 4 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"need x [B, T, H, hd] and weight [hd]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+    r = cos.shape[-1]
+    if cos.shape != sin.shape or cos.shape[:2] != x.shape[:2] or cos.dim() != 3 or r % 2 or r > x.shape[-1]:
+        raise ValueError(f"cos and sin must be [B, T, r] with even r <= hd, for x {tuple(x.shape)}; got "
+                         f"{tuple(cos.shape)}, {tuple(sin.shape)}")
+
+
+def rms_norm_rotary_ref(x, weight, cos, sin, eps: float = 1e-6) -> torch.Tensor:
+    """Zero-centred RMSNorm of each head (`rms_norm_ref`, rounded to x's dtype) then `rotary_ref`:
+    x [B, T, H, hd] (any strides), weight [hd], cos/sin [B, T, r] -> [B, T, H, hd] in x's dtype."""
+    check_rms_norm_rotary_inputs(x, weight, cos, sin)
+    return rotary_ref(rms_norm_ref(x, weight, eps), cos, sin)

@@ -1,6 +1,6 @@
 """Triton element-wise epilogues: one launch each for what the references in `qwen3next.ops.fused` do in
 several. Same contracts; inference only: under autograd (an input that requires grad) and for fp64 they
-run the reference. Arithmetic is fp32 with one final rounding, so results differ from the references
+run the reference (`rms_norm_rotary`: the Triton RMSNorm, then the reference rotation). Arithmetic is fp32 with one final rounding, so results differ from the references
 (which round after each op in low precision) by at most the output's rounding.
 """
 
@@ -10,7 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fused import add_rms_norm_ref, check_gdn_gates_inputs, gdn_gates_ref, sigmoid_gate_ref
+from ..fused import (
+    add_rms_norm_ref, check_gdn_gates_inputs, check_rms_norm_rotary_inputs, gdn_gates_ref, rotary_ref, sigmoid_gate_ref,
+)
+from .norms import rms_norm
 
 
 def _reference_needed(*tensors) -> bool:
@@ -132,7 +135,9 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | N
     if _reference_needed(x, gate, residual):
         return sigmoid_gate_ref(x, gate, residual)
     xr = x.contiguous().view(-1, D)
-    gr = gate.contiguous().view(xr.shape[0], -1)
+    gr = gate.reshape(xr.shape[0], -1)  # a view where gate's rows are evenly strided (e.g. attention's gate)
+    if gr.stride(-1) != 1:
+        gr = gr.contiguous()
     rr = residual.contiguous().view(-1, D) if residual is not None else xr
     out = torch.empty_like(xr)
     block = min(1024, triton.next_power_of_2(D))
@@ -141,3 +146,55 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | N
             xr, gr, rr, out, D, gr.stride(0), BLOCK=block, BCAST=gr.shape[1] == 1 and D > 1,
             HAS_RES=residual is not None, num_warps=4)
     return out.view(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------- norm + rotary
+@triton.jit
+def _rms_norm_rotary_kernel(x, w, cos, sin, y, n_rows, H, D, R, stride_x, stride_cs, eps,
+                            BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """Row = (token, head): y = rotate(round(x / rms(x) * (1 + w))) over its D columns; columns c < R/2
+    take -sin times their partner c + R/2, columns R/2 <= c < R take +sin times c - R/2."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    rmask = rows < n_rows
+    mask = rmask[:, None] & cmask[None, :]
+    half = R // 2
+    partner = tl.where(cols < half, cols + half, tl.where(cols < R, cols - half, cols))
+    xf = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(x + rows[:, None] * stride_x + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 1) / D + eps)[:, None]
+    wf = tl.load(w + cols, mask=cmask, other=0.0).to(tl.float32)
+    wp = tl.load(w + partner, mask=cmask, other=0.0).to(tl.float32)
+    dt = y.dtype.element_ty
+    n = (xf * rstd * (1.0 + wf)[None, :]).to(dt).to(tl.float32)  # the norm's output, rounded as the reference
+    n_p = (xp * rstd * (1.0 + wp)[None, :]).to(dt).to(tl.float32)
+    rot = cols < R
+    cs_offs = (rows // H)[:, None] * stride_cs + cols[None, :]
+    c = tl.load(cos + cs_offs, mask=rmask[:, None] & rot[None, :], other=1.0).to(tl.float32)
+    s = tl.load(sin + cs_offs, mask=rmask[:, None] & rot[None, :], other=0.0).to(tl.float32)
+    sign = tl.where(cols < half, -1.0, 1.0)
+    out = tl.where(rot[None, :], n * c + sign[None, :] * n_p * s, n)
+    tl.store(y + rows[:, None] * D + cols[None, :], out.to(dt), mask=mask)
+
+
+def rms_norm_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Triton `rms_norm_rotary_ref` in one pass over x (a strided view of a projection's output is read in
+    place); under autograd the Triton RMSNorm and the reference rotation."""
+    check_rms_norm_rotary_inputs(x, weight, cos, sin)
+    if _reference_needed(x, weight, cos, sin):
+        return rotary_ref(rms_norm(x, weight, eps), cos, sin)
+    B, T, H, D = x.shape
+    R = cos.shape[-1]
+    rows = x.reshape(B * T * H, D)  # a view where the heads' rows are evenly strided
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    cos, sin = cos.reshape(B * T, R).contiguous(), sin.reshape(B * T, R).contiguous()
+    y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    block_d, per = _row_block(D)
+    if rows.shape[0]:
+        _rms_norm_rotary_kernel[(triton.cdiv(rows.shape[0], per),)](
+            rows, weight, cos, sin, y, rows.shape[0], H, D, R, rows.stride(0), cos.stride(0), eps,
+            BLOCK_D=block_d, ROWS=per, num_warps=4)
+    return y
