@@ -111,6 +111,18 @@ def test_sigmoid_gate_kernel(dtype, shape, bcast, residual):
     assert rel_err(want, plain) <= _tol(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_gate_reads_strided_gate_rows(dtype):
+    """Attention's gate: the second half of each head's q_proj columns, a view with evenly strided rows."""
+    fused = _triton()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 16, generator=g).to(DEVICE, dtype)
+    gate = torch.randn(2, 3, 4, 32, generator=g).to(DEVICE, dtype)[..., 16:]
+    assert not gate.is_contiguous()
+    got = fused.sigmoid_gate(x, gate)
+    assert rel_err(got, sigmoid_gate_ref(x, gate)) <= _tol(dtype) and got.shape == x.shape
+
+
 def _rotary_inputs(B, T, H, hd, r, dtype, seed=0):
     """x as the query half of a [B, T, H, 2 hd] projection (a strided view), weight, and rope tables."""
     g = torch.Generator().manual_seed(seed)
