@@ -22,6 +22,13 @@ def _reference_needed(*tensors) -> bool:
     return grad or any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
+def _row_view(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t as [rows, width] with unit column stride: a view where t's rows are evenly strided (e.g. a slice of
+    a projection's output), else a contiguous copy. The kernels take the row stride."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def _row_block(D: int) -> tuple[int, int]:
     """(BLOCK_D, rows per program) for rows of D elements."""
     block_d = triton.next_power_of_2(D)
@@ -57,9 +64,7 @@ def gdn_gates(ba, A_log, dt_bias, num_k_heads: int, clip_val: float | None = Non
     if _reference_needed(ba, A_log, dt_bias):
         return gdn_gates_ref(ba, A_log, dt_bias, num_k_heads, clip_val)
     Hv = A_log.shape[0]
-    rows = ba.reshape(-1, 2 * Hv)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _row_view(ba, 2 * Hv)
     n = rows.shape[0]
     beta = torch.empty(n, Hv, dtype=torch.float32, device=ba.device)
     g = torch.empty_like(beta)
@@ -136,9 +141,7 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | N
     if _reference_needed(x, gate, residual):
         return sigmoid_gate_ref(x, gate, residual)
     xr = x.contiguous().view(-1, D)
-    gr = gate.reshape(xr.shape[0], -1)  # a view where gate's rows are evenly strided (e.g. attention's gate)
-    if gr.stride(-1) != 1:
-        gr = gr.contiguous()
+    gr = _row_view(gate, gate.shape[-1])  # attention's gate: a view of q_proj's output
     rr = residual.contiguous().view(-1, D) if residual is not None else xr
     out = torch.empty_like(xr)
     block = min(1024, triton.next_power_of_2(D))
@@ -188,9 +191,7 @@ def rms_norm_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, si
         return rotary_ref(rms_norm(x, weight, eps), cos, sin)
     B, T, H, D = x.shape
     R = cos.shape[-1]
-    rows = x.reshape(B * T * H, D)  # a view where the heads' rows are evenly strided
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _row_view(x, D)
     cos, sin = cos.reshape(B * T, R).contiguous(), sin.reshape(B * T, R).contiguous()
     y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
     block_d, per = _row_block(D)

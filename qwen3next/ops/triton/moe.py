@@ -372,9 +372,10 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
     128 x 128 tiles that fp32 keeps for shared memory; benchmarks/moe_gpu.py sweep)."""
     mean = rows / max(experts, 1)
     if mean <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if element_size <= 2 else 64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if element_size <= 2 else 64, num_warps=4, num_stages=3,
+                    SHORT_TAILS=0)
     if mean <= 48:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3, SHORT_TAILS=0)
     wide = element_size <= 2
     block_n = (128 if wide else 64) if swiglu else (256 if wide else 128)
     return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=4 if wide else 3,
@@ -402,7 +403,7 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
         SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
         PREC=dot_precision(a.dtype),
-        BLOCK_E=triton.next_power_of_2(E), **{"SHORT_TAILS": 0, **cfg})
+        BLOCK_E=triton.next_power_of_2(E), **cfg)
     return out
 
 
