@@ -42,7 +42,7 @@ from qwen3next.config import LINEAR
 from qwen3next.decode import StaticDecoder
 from qwen3next.generate import prefill, select_tokens
 from qwen3next.model import cache_bytes_per_sequence, count_parameters
-from timing import sync, time_once
+from timing import kernel_profile, sync, time_once
 
 PEAK_FLOPS, PEAK_BW = 750e12, 3.0e12
 DECODE_CONTEXT = 512
@@ -219,26 +219,6 @@ def hf_decode(hf, B, device):
         state["pkv"], state["tok"] = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
 
     return state, step
-
-
-def kernel_profile(fn, device, what, log, reps=3):
-    """Kernel-time breakdown of fn() (after two warm-up calls), per call."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(2):
-        fn()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        sync(device)
-    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]  # kernels, not the ops above
-    total = sum(e.self_device_time_total for e in events) / reps
-    count = sum(e.count for e in events) / reps
-    log(f"profile: {what}: {count:.0f} kernels, {total / 1e3:.3f} ms of kernel time per call")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:18]:
-        log(f"  {e.self_device_time_total / reps / 1e3:8.3f} ms  x{e.count // reps:4d}  {e.key[:110]}")
 
 
 def profile_step(model, device, B, log):

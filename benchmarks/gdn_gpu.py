@@ -1,10 +1,11 @@
 """Gated DeltaNet kernels on the GPU: first correctness in bf16 against the fp32 references, then timings
 of ours against fla 0.6.0 in the same process. Prints markdown tables; writes everything to $OUT/gdn_gpu.json.
 
-    python benchmarks/gdn_gpu.py [--quick] [--sweep]
+    python benchmarks/gdn_gpu.py [--quick] [--sweep [all | bwd]] [--profile]
 
---sweep first times the chunked kernels' launch choices (`Tuning`: the parallel kernels' warps and the backward
-kernel's dv block) and then checks and times everything with the fastest.
+--sweep first times the chunked kernels' launch choices (`Tuning`: the parallel forward kernels' warps, then the
+backward kernel's dv block and warps; `bwd`: only the latter) and then checks and times everything with the
+fastest. --profile prints the kernel-time breakdown of forward+backward at 1 x 65536 and 8 x 8192.
 
 Checks (each output buffer region is poisoned with NaN before the run, so an unwritten element fails):
 chunked forward and all gradients (model shape and a varlen GVA case), recurrent decode, the state-pool
@@ -37,6 +38,7 @@ from qwen3next.ops.triton import conv as tconv  # noqa: E402
 from qwen3next.ops.triton import blocks  # noqa: E402
 from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
 from qwen3next.ops.triton import norms as tnorms  # noqa: E402
+from timing import kernel_profile  # noqa: E402
 
 HK, HV, D = 16, 32, 128
 SHAPES = [(1, 4096), (1, 16384), (4, 8192), (8, 8192), (1, 65536)]
@@ -256,18 +258,21 @@ def _sweep_group(spec):
 
 
 @section
-def sweep_tuning():
+def sweep_tuning(what):
     """Launch choices of the chunked kernels (`tgd.Tuning`): the parallel forward kernels' warps (T and P) by
-    forward time at 1 x 16384, 1 x 65536 and 8 x 8192, then the parallel backward kernel's dv block and warps
-    under the best of those, by forward+backward time at 1 x 16384 and 8 x 8192. The sequential kernels keep
-    the defaults that session 2's sweep of their choices picked (BENCHMARKS.md). Sets `tgd.TUNING` to the
-    winner for the checks and timings after."""
+    forward time at 1 x 16384, 1 x 65536 and 8 x 8192 (what = "all"), then the parallel backward kernel's dv
+    block and warps under the best of those, by forward+backward time at 1 x 16384 and 8 x 8192. The
+    sequential kernels keep the defaults that session 2's sweep of their choices picked (BENCHMARKS.md). Sets
+    `tgd.TUNING` to the winner for the checks and timings after."""
     import itertools
-    fwd_choices = [dict(inverse_warps=iw, scores_warps=sw) for iw, sw in itertools.product((1, 2, 4), (1, 2, 4))]
-    fwd = _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536], [8, 8192]], "choices": fwd_choices})
-    RESULTS["sweep"]["forward"] = {json.dumps(c): t for c, t in zip(fwd_choices, fwd)}
-    best = min(zip(fwd_choices, fwd), key=lambda ct: sum(ct[1]))[0]
-    bwd_choices = [dict(best, bwd_block_v=bbv, bwd_warps=bw) for bbv, bw in itertools.product((16, 32), (4, 8))]
+    fwd_choices, fwd, best = [], [], {}
+    if what == "all":
+        fwd_choices = [dict(inverse_warps=iw, scores_warps=sw) for iw, sw in itertools.product((1, 2, 4), (1, 2, 4))]
+        fwd = _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536], [8, 8192]], "choices": fwd_choices})
+        RESULTS["sweep"]["forward"] = {json.dumps(c): t for c, t in zip(fwd_choices, fwd)}
+        best = min(zip(fwd_choices, fwd), key=lambda ct: sum(ct[1]))[0]
+    bwd_choices = [dict(best, bwd_block_v=bbv, bwd_warps=bw, train_pre_scores=tp)
+                   for bbv, bw, tp in itertools.product((32, 64), (8, 16), (None, True))]
     both = _sweep_group({"pass": "fwd+bwd", "shapes": [[1, 16384], [8, 8192]], "choices": bwd_choices})
     RESULTS["sweep"]["fwd+bwd"] = {json.dumps(c): t for c, t in zip(bwd_choices, both)}
     chosen = min(zip(bwd_choices, both), key=lambda ct: sum(ct[1]))[0]
@@ -280,6 +285,34 @@ def sweep_tuning():
     for c, t in zip(bwd_choices, both):
         print(f"  {json.dumps(c)}: " + ", ".join(f"{x:.3f}" for x in t))
     print(f"chosen: {tgd.TUNING}", flush=True)
+
+
+def kernel_resources():
+    """Registers, spills and shared memory of each compiled variant of the chunked kernels (Triton's caches)."""
+    for name in ("_chunk_fwd_kernel", "_chunk_bwd_state_kernel", "_chunk_bwd_kernel", "_norm_bwd_kernel"):
+        fn = getattr(tgd, name, None) or getattr(tnorms, name, None)
+        for entry in getattr(fn, "device_caches", {}).values():
+            for compiled in (entry[0] if isinstance(entry, tuple) else entry).values():
+                meta = getattr(compiled, "metadata", None)
+                print(f"{name}: regs {getattr(compiled, 'n_regs', '?')}, spills {getattr(compiled, 'n_spills', '?')}, "
+                      f"warps {getattr(meta, 'num_warps', '?')}, stages {getattr(meta, 'num_stages', '?')}, "
+                      f"shared {getattr(meta, 'shared', '?')}", flush=True)
+
+
+@section
+def profile_fwd_bwd():
+    kernel_resources()
+    for B, T in ((1, 65536), (8, 8192)):
+        ins = [x.requires_grad_() for x in gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=9)]
+        do = torch.randn(B, T, HV, D, device="cuda", dtype=torch.bfloat16)
+
+        def fwd_bwd():
+            o, _ = tgd.chunk_gated_delta_rule(*ins, output_final_state=True, use_qk_l2norm_in_kernel=True)
+            torch.autograd.grad(o, ins, do)
+
+        kernel_profile(fwd_bwd, torch.device("cuda"), f"fwd+bwd {B}x{T}", lambda m: print(m, flush=True), top=12)
+        del ins, do
+        torch.cuda.empty_cache()
 
 
 @section
@@ -310,8 +343,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two shapes only")
     parser.add_argument("--sweep-part", help=argparse.SUPPRESS)
-    parser.add_argument("--sweep", action="store_true", help="first sweep the kernels' launch choices and time "
+    parser.add_argument("--sweep", nargs="?", const="all", choices=["all", "bwd"],
+                        help="first sweep the kernels' launch choices (all, or the backward's only) and time "
                         "everything after with the fastest")
+    parser.add_argument("--profile", action="store_true", help="kernel breakdown of forward+backward")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.sweep_part:
@@ -331,7 +366,7 @@ def main():
 
     time_copy()
     if args.sweep:
-        sweep_tuning()
+        sweep_tuning(args.sweep)
     check_chunk(1, 2048, HK, HV, tag="model shape")
     check_chunk(1, 1000, 2, 4, cu=torch.tensor([0, 1, 300, 300, 1000], device="cuda", dtype=torch.int32),
                 tag="varlen")
@@ -340,6 +375,8 @@ def main():
     check_conv_norms()
     time_chunk(fla_chunk, args.quick)
     time_decode(fla_recurrent)
+    if args.profile:
+        profile_fwd_bwd()
 
     env = RESULTS["env"]
     print(f"\n{env['device']}, {env['date']}, torch {env['torch']}, triton {env['triton']}, fla {env['fla']}; "

@@ -21,16 +21,19 @@ Kernels:
      dv blocks (the columns of S evolve independently, so splitting dv gives B = 1 enough programs).
      Holds S in registers and writes o directly: where fla writes w, u, v_new and every chunk's state to
      memory and reads them back, this writes nothing per chunk in inference. For training it also saves S
-     at each chunk start. (A variant that moved P, w = T (beta exp(c) k) and u = T (beta v) into kernel 1,
+     at each chunk start and d. (A variant that moved P, w = T (beta exp(c) k) and u = T (beta v) into kernel 1,
      leaving four products a chunk here, ran 1.5-2.5x slower on an H100: it reads more per chunk and its
      shared memory allows one program per multiprocessor. See BENCHMARKS.md.)
-  3. `_chunk_bwd_state_kernel`, sequential in reverse: dS at every chunk end (and d initial state):
+  3. `_chunk_bwd_state_kernel`, sequential in reverse: dS at every chunk end (and d initial state), and
+     y (the gradient of beta * (v - exp(c) k S)) with dv = beta y:
         dd = P^T dO + (exp(c_C - c) * k) dS',  y = T^T dd,
         dS = exp(c_C) dS' + (exp(c) * q)^T dO - (beta exp(c) * k)^T y.
-  4. `_chunk_bwd_kernel`, parallel over chunks x value heads: from the chunk's S and dS' it recomputes
-     d, dd and y (a loop over dv blocks) and forms dq, dk, dv, dbeta and dg (a reverse cumsum of the
-     gradient of c). dq/dk are written per value head in the input dtype; the L2-norm backward kernel
-     sums them over the group when the norm is in-kernel, else torch does.
+  4. `_chunk_bwd_kernel`, parallel over chunks x value heads: from the chunk's S, dS', dO, d and y it forms
+     five products over dv (dO S^T, d dS'^T, y S^T, dO d^T, y d^T; nothing recomputed, so every product
+     is at least [64, 64] x [64, 32]) and from them dq, dk, dbeta and dg (a reverse cumsum of the gradient
+     of c). The row sums that need k S or k dS' (dbeta, dg) come from k . (y S^T) and k . (d dS'^T).
+     dq/dk are written per value head in the input dtype; the L2-norm backward kernel sums them over the
+     group when the norm is in-kernel, else torch does.
 
 Decode: `_recurrent_kernel` runs the recurrence token by token with S in registers, one program per
 (sequence, value head, dv block); `recurrent_gated_delta_rule_update` points it at rows of a state pool
@@ -154,16 +157,15 @@ def _sequence(cu, n):
 
 
 @triton.jit
-def _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
+def _chunk_inputs(q, k, g, beta, bos, eos, L, r0, hk, hv, scale, stride_q, stride_k,
                   HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, L2NORM: tl.constexpr):
     """What every chunk kernel reads of the chunk at row r0 of a sequence: q, k tiles [64, BK] as stored, their
-    row factors (q's times scale), c, c_C, beta (`_load_gates`) and T [64, 64]."""
+    row factors (q's times scale), and c, c_C, beta (`_load_gates`)."""
     t = bos + r0 + tl.arange(0, 64)
     qd = _tile_load(q, bos, L, hk, stride_q, DK, r0, 0, 64, BK)
     kd = _tile_load(k, bos, L, hk, stride_k, DK, r0, 0, 64, BK)
     c, c_last, bb = _load_gates(g, beta, t, t < eos, hv, HV)
-    tb = _tile_load(tinv, bos, L, hv, HV * 64, 64, r0, 0, 64, 64)
-    return qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), c, c_last, bb, tb
+    return qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), c, c_last, bb
 
 
 @triton.jit
@@ -329,7 +331,7 @@ def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale, stride_q, 
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off, scale,
+def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, wr, cu, chunk_off, scale,
                       stride_q, stride_k, stride_v,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_H0: tl.constexpr,
@@ -346,13 +348,16 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
         r0 = ci * 64
         if STORE_HS:
             _state_store(hs, coff + ci, hv, HV, DK, DV, v0, BK, BV, S.to(hs.dtype.element_ty))
-        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
-                                                          stride_q, stride_k, HK, HV, DK, BK, L2NORM)
+        qd, kd, fq, fk, c, c_last, bb = _chunk_inputs(q, k, g, beta, bos, eos, L, r0, hk, hv, scale,
+                                                      stride_q, stride_k, HK, HV, DK, BK, L2NORM)
+        tb = _tile_load(tinv, bos, L, hv, HV * 64, 64, r0, 0, 64, 64)
         vb = _tile_load(v, bos, L, hv, stride_v, DV, r0, v0, 64, BV).to(tl.float32)
         gam = tl.exp(c)
         sd = S.to(dt)
         ks = tl.dot(kd, sd, input_precision=PREC)
         df = tl.dot(tb, (bb[:, None] * (vb - (gam * fk)[:, None] * ks)).to(dt), input_precision=PREC)
+        if STORE_HS:
+            _tile_store(wr, bos, L, hv, HV * DV, DV, r0, v0, 64, BV, df)
         p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
         ob = (gam * fq)[:, None] * tl.dot(qd, sd, input_precision=PREC) \
             + tl.dot(p.to(dt), df.to(dt), input_precision=PREC)
@@ -368,7 +373,7 @@ def _chunk_fwd_kernel(q, k, v, g, beta, tinv, pmat, h0, o, ht, hs, cu, chunk_off
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, chunk_off, scale,
+def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, y_out, dv, cu, chunk_off, scale,
                             stride_q, stride_k,
                             HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, HAS_DHT: tl.constexpr,
@@ -385,14 +390,17 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
         ci = nc - 1 - i
         r0 = ci * 64
         _state_store(dhs, coff + ci, hv, HV, DK, DV, v0, BK, BV, dS.to(dhs.dtype.element_ty))
-        qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
-                                                          stride_q, stride_k, HK, HV, DK, BK, L2NORM)
+        qd, kd, fq, fk, c, c_last, bb = _chunk_inputs(q, k, g, beta, bos, eos, L, r0, hk, hv, scale,
+                                                      stride_q, stride_k, HK, HV, DK, BK, L2NORM)
+        tb = _tile_load(tinv, bos, L, hv, HV * 64, 64, r0, 0, 64, 64)
         dob = _tile_load(do, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
         gam = tl.exp(c)
         p = _chunk_scores(pmat, qd, kd, fq, fk, c, bos, L, r0, hv, HV, PRE_P, PREC)
         dd = tl.dot(tl.trans(p.to(dt)), dob, input_precision=PREC) \
             + (tl.exp(c_last - c) * fk)[:, None] * tl.dot(kd, dS.to(dt), input_precision=PREC)
         y = tl.dot(tl.trans(tb), dd.to(dt), input_precision=PREC)
+        _tile_store(y_out, bos, L, hv, HV * DV, DV, r0, v0, 64, BV, y)
+        _tile_store(dv, bos, L, hv, HV * DV, DV, r0, v0, 64, BV, bb[:, None] * y)
         dS = dS * tl.exp(c_last) \
             + tl.dot(tl.trans(qd), (dob.to(tl.float32) * (gam * fq)[:, None]).to(dt), input_precision=PREC) \
             - tl.dot(tl.trans(kd), (y * (bb * gam * fk)[:, None]).to(dt), input_precision=PREC)
@@ -405,7 +413,7 @@ def _chunk_bwd_state_kernel(q, k, g, beta, tinv, pmat, do, dht, dh0, dhs, cu, ch
 # ----------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, cu, chunk_seq, chunk_pos, scale,
+def _chunk_bwd_kernel(q, k, v, g, beta, hs, dhs, do, wr, y, dq, dk, dg, dbeta, cu, chunk_seq, chunk_pos, scale,
                       stride_q, stride_k, stride_v,
                       HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
@@ -417,42 +425,40 @@ def _chunk_bwd_kernel(q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta
     t = bos + r0 + rt
     tm = t < eos
     dt = q.dtype.element_ty
-    qd, kd, fq, fk, c, c_last, bb, tb = _chunk_inputs(q, k, g, beta, tinv, bos, eos, L, r0, hk, hv, scale,
-                                                      stride_q, stride_k, HK, HV, DK, BK, L2NORM)
-    gam = tl.exp(c)
-    e = tl.exp(c_last - c)
-    pd = _scores(qd, kd, fq, fk, c, PREC).to(dt)                                     # P, normalised q and k
-    acc_q = tl.zeros([64, BK], dtype=tl.float32)      # exp(c) * (dO S^T)
-    acc_k = tl.zeros([64, BK], dtype=tl.float32)      # e * (d dS'^T) - beta exp(c) * (y S^T)
-    dp = tl.zeros([64, 64], dtype=tl.float32)         # dO d^T
-    da = tl.zeros([64, 64], dtype=tl.float32)         # -y d^T
-    db = tl.zeros([64], dtype=tl.float32)
-    dc = tl.zeros([64], dtype=tl.float32)
-    z = tl.zeros([64], dtype=tl.float32)
+    # products over dv with the chunk's S, dS', dO, d (forward) and y (kernel 3); nothing is recomputed
+    o_s = tl.zeros([64, BK], dtype=tl.float32)       # dO S^T
+    d_ds = tl.zeros([64, BK], dtype=tl.float32)      # d dS'^T
+    y_s = tl.zeros([64, BK], dtype=tl.float32)       # y S^T
+    dp = tl.zeros([64, 64], dtype=tl.float32)        # dO d^T
+    yd = tl.zeros([64, 64], dtype=tl.float32)        # y d^T
+    yv = tl.zeros([64], dtype=tl.float32)            # sum_v y v
     s_ds = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, DV, BV):
-        sd = _state_load(hs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
+        sd = _state_load(hs, cid, hv, HV, DK, DV, v0, BK, BV)
         dsd = _state_load(dhs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
-        vb = _tile_load(v, bos, L, hv, stride_v, DV, r0, v0, 64, BV).to(tl.float32)
         dob = _tile_load(do, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
-        ks = fk[:, None] * tl.dot(kd, sd, input_precision=PREC)
-        resid = vb - gam[:, None] * ks
-        d = tl.dot(tb, (bb[:, None] * resid).to(dt), input_precision=PREC)
-        ke_ds = (e * fk)[:, None] * tl.dot(kd, dsd, input_precision=PREC)
-        y = tl.dot(tl.trans(tb), (tl.dot(tl.trans(pd), dob, input_precision=PREC) + ke_ds).to(dt),
-                   input_precision=PREC)
-        _tile_store(dv, bos, L, hv, HV * DV, DV, r0, v0, 64, BV, (bb[:, None] * y).to(dv.dtype.element_ty))
-        db += tl.sum(y * resid, 1)
-        dc -= bb * gam * tl.sum(y * ks, 1)
-        z += tl.sum(ke_ds * d, 1)
+        wb = _tile_load(wr, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
+        yb = _tile_load(y, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
+        vb = _tile_load(v, bos, L, hv, stride_v, DV, r0, v0, 64, BV)
+        o_s = tl.dot(dob, tl.trans(sd), o_s, input_precision=PREC)
+        d_ds = tl.dot(wb, tl.trans(dsd), d_ds, input_precision=PREC)
+        y_s = tl.dot(yb, tl.trans(sd), y_s, input_precision=PREC)
+        dp = tl.dot(dob, tl.trans(wb), dp, input_precision=PREC)
+        yd = tl.dot(yb, tl.trans(wb), yd, input_precision=PREC)
+        yv += tl.sum(yb.to(tl.float32) * vb.to(tl.float32), 1)
         s_ds += tl.sum(sd.to(tl.float32) * dsd.to(tl.float32), 1)
-        d_d = d.to(dt)
-        acc_q += tl.dot((dob.to(tl.float32) * gam[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
-        acc_k += tl.dot((d * e[:, None]).to(dt), tl.trans(dsd), input_precision=PREC)
-        acc_k -= tl.dot((y * (bb * gam)[:, None]).to(dt), tl.trans(sd), input_precision=PREC)
-        dp += tl.dot(dob, tl.trans(d_d), input_precision=PREC)
-        da -= tl.dot(y.to(dt), tl.trans(d_d), input_precision=PREC)
-    # recomputed rather than kept live through the loop (registers)
+    qd, kd, fq, fk, c, c_last, bb = _chunk_inputs(q, k, g, beta, bos, eos, L, r0, hk, hv, scale,
+                                                  stride_q, stride_k, HK, HV, DK, BK, L2NORM)
+    gam = tl.exp(c)
+    e = tl.exp(c_last - c)
+    kf = kd.to(tl.float32)
+    y_ks = fk * tl.sum(kf * y_s, 1)                  # sum_v y (k S), k normalised
+    z = e * fk * tl.sum(kf * d_ds, 1)                # sum_v d (e k dS')
+    acc_q = gam[:, None] * o_s                       # exp(c) * (dO S^T)
+    acc_k = e[:, None] * d_ds - (bb * gam)[:, None] * y_s
+    db = yv - gam * y_ks                             # sum_v y (v - exp(c) k S)
+    dc = -bb * gam * y_ks
+    da = -yd
     decay = _decay_matrix(c, rt[:, None] >= rt[None, :])
     qk = tl.dot(qd, tl.trans(kd), input_precision=PREC) * (fq[:, None] * fk[None, :])
     dpe = dp * decay                                  # masked to j <= i by decay
@@ -559,10 +565,12 @@ class Tuning:
     pre_scores: bool | None = None   # P by a parallel kernel, read by the sequential ones, instead of formed
     #                                  in every dv block's step. None: when the sequential kernels have fewer
     #                                  than two programs per multiprocessor (latency-bound, e.g. B = 1)
+    train_pre_scores: bool | None = None  # the same choice when training, where P also serves the backward's
+    #                                  state kernel (None: as pre_scores)
     inverse_warps: int = 1           # warps of the T kernel: with one, its 16x16 tiles' reductions stay within
     #                                  a warp (0.79 ms at 1 x 65536 on an H100, against 2.87 with four)
     scores_warps: int = 4            # warps of the P kernel
-    bwd_block_v: int = 16            # dv block of the parallel backward kernel's loop
+    bwd_block_v: int = 64            # dv block of the parallel backward kernel's loop
     bwd_warps: int = 8
 
 
@@ -572,7 +580,8 @@ TUNING = Tuning()
 def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layout, save_states, tuning=None):
     """Kernels 1 and 2 on packed inputs q, k [tokens, Hk, dk], v [tokens, Hv, dv] (each token's heads
     contiguous, tokens strided: `_token_rows`), g, beta [tokens, Hv] fp32 contiguous. Returns (o, final
-    state or None, T, P or None, chunk-start states or None)."""
+    state or None, T, P or None, and with save_states the chunk-start states [chunks, Hv, dk, dv] and the
+    writes d [tokens, Hv, dv], both in q's dtype, else None, None)."""
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
@@ -585,6 +594,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
                                                num_warps=tuning.inverse_warps)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     pre_scores = tuning.pre_scores
+    if save_states and tuning.train_pre_scores is not None:
+        pre_scores = tuning.train_pre_scores
     if pre_scores is None:
         pre_scores = layout.N * HV * triton.cdiv(DV, BV) < 2 * num_sms(q.device)
     pmat = None
@@ -598,18 +609,22 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NB, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
+    wr = torch.empty(n_tok, HV, DV, dtype=q.dtype, device=q.device) if save_states else None
     _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, v, g, beta, tinv, pmat if pmat is not None else tinv, h0 if h0 is not None else o, o,
-        ht if ht is not None else o, hs if hs is not None else o, layout.cu, layout.first, scale,
+        ht if ht is not None else o, hs if hs is not None else o, wr if wr is not None else o, layout.cu,
+        layout.first, scale,
         q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK, BV=BV, L2NORM=l2norm,
         HAS_H0=h0 is not None,
         STORE_HT=output_final_state, STORE_HS=save_states, PRE_P=pmat is not None, PREC=prec,
         num_warps=tuning.warps, num_stages=tuning.stages)
-    return o, ht, tinv, pmat, hs
+    return o, ht, tinv, pmat, hs, wr
 
 
-def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, layout, want_dh0, tuning=None):
-    """Kernels 3 and 4. Returns (dq, dk per key head in q's dtype; dv; dg, dbeta fp32; dh0 or None)."""
+def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, wr, do, dht, scale, l2norm, layout, want_dh0,
+                    tuning=None):
+    """Kernels 3 and 4 (hs, wr: the forward's chunk-start states and writes d). Returns (dq, dk per key head
+    in q's dtype; dv; dg, dbeta fp32; dh0 or None)."""
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
@@ -617,21 +632,22 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, do, dht, scale, l2norm, la
     prec = dot_precision(q.dtype)
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if want_dh0 else None
+    y = torch.empty(n_tok, HV, DV, dtype=q.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
         q, k, g, beta, tinv, pmat if pmat is not None else tinv, do, dht if dht is not None else do,
-        dh0 if dh0 is not None else do, dhs, layout.cu, layout.first, scale, q.stride(0), k.stride(0),
+        dh0 if dh0 is not None else do, dhs, y, dv, layout.cu, layout.first, scale, q.stride(0), k.stride(0),
         HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
         BV=BV, L2NORM=l2norm, HAS_DHT=dht is not None, STORE_DH0=want_dh0, PRE_P=pmat is not None,
         PREC=prec, num_warps=tuning.warps, num_stages=tuning.stages)
     dq = torch.empty(n_tok, HV, DK, dtype=q.dtype, device=q.device)  # per value head: half the bytes of fp32
     dk = torch.empty_like(dq)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     dg = torch.empty(n_tok, HV, dtype=torch.float32, device=q.device)
     dbeta = torch.empty_like(dg)
     if layout.NB:
         _chunk_bwd_kernel[(layout.NB, HV)](
-            q, k, v, g, beta, tinv, hs, dhs, do, dq, dk, dv, dg, dbeta, layout.cu, layout.seq,
+            q, k, v, g, beta, hs, dhs, do, wr, y, dq, dk, dg, dbeta, layout.cu, layout.seq,
             layout.pos, scale, q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
             BV=min(tuning.bwd_block_v, triton.next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
             num_warps=tuning.bwd_warps)
@@ -684,13 +700,13 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         h0 = initial_state.float().contiguous() if initial_state is not None else None
         training = any(ctx.needs_input_grad)
         ctx.reference = training and _backward_kernel_faults(q, DK, DV)
-        o, ht, tinv, pmat, hs = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm, layout,
-                                               save_states=training and not ctx.reference)
+        o, ht, tinv, pmat, hs, wr = _chunk_forward(qp, kp, vp, gp, bp, scale, h0, output_final_state, l2norm,
+                                                   layout, save_states=training and not ctx.reference)
         if ctx.reference:
             ctx.save_for_backward(q, k, v, g, beta, initial_state)
             ctx.scale, ctx.l2norm, ctx.cu_seqlens = scale, l2norm, cu_seqlens
         elif training:
-            ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, pmat, hs)
+            ctx.save_for_backward(qp, kp, vp, gp, bp, tinv, pmat, hs, wr)
             ctx.layout, ctx.scale, ctx.l2norm = layout, scale, l2norm
             ctx.shapes = (q.shape, v.shape, g.dtype, beta.dtype,
                           initial_state.dtype if initial_state is not None else None)
@@ -701,11 +717,11 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         if ctx.reference:
             dq, dk, dv, dg, dbeta, dh0 = _reference_backward(ctx, do, dht)
             return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
-        qp, kp, vp, gp, bp, tinv, pmat, hs = ctx.saved_tensors
+        qp, kp, vp, gp, bp, tinv, pmat, hs, wr = ctx.saved_tensors
         q_shape, v_shape, g_dtype, beta_dtype, h0_dtype = ctx.shapes
         dop = do.contiguous().view(vp.shape)
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(
-            qp, kp, vp, gp, bp, tinv, pmat, hs, dop, dht.float().contiguous() if dht is not None else None,
+            qp, kp, vp, gp, bp, tinv, pmat, hs, wr, dop, dht.float().contiguous() if dht is not None else None,
             ctx.scale, ctx.l2norm, ctx.layout, want_dh0=h0_dtype is not None)
         return (dq.view(q_shape), dk.view(q_shape), dv.view(v_shape),
                 dg.to(g_dtype).view(v_shape[:3]), dbeta.to(beta_dtype).view(v_shape[:3]),
