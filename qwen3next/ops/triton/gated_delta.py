@@ -557,20 +557,21 @@ def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16), wav
 @dataclass(frozen=True)
 class Tuning:
     """Launch choices of the chunked kernels; `benchmarks/gdn_gpu.py --sweep` times the alternatives.
-    Defaults: the fastest on an H100 (BENCHMARKS.md). Pipelining depth 1 faults the GPU (illegal memory
-    access) with Triton 3.6 on an H100, so the sweep starts at 2."""
+    Defaults: the fastest on an H100 (the backward's on an H200; BENCHMARKS.md). Pipelining depth 1 faults
+    the GPU (illegal memory access) with Triton 3.6 on an H100, so the sweep starts at 2."""
     block_v: int | None = None       # dv block of the sequential kernels (None: `_block_v`)
     warps: int = 4                   # warps of the sequential kernels
     stages: int = 3                  # Triton's software-pipelining depth for their chunk loops
     pre_scores: bool | None = None   # P by a parallel kernel, read by the sequential ones, instead of formed
     #                                  in every dv block's step. None: when the sequential kernels have fewer
     #                                  than two programs per multiprocessor (latency-bound, e.g. B = 1)
-    train_pre_scores: bool | None = None  # the same choice when training, where P also serves the backward's
-    #                                  state kernel (None: as pre_scores)
+    train_pre_scores: bool | None = True  # the same choice when training, where P also serves the backward's
+    #                                  state kernel (None: as pre_scores); on an H200 at 8 x 8192 the scores
+    #                                  kernel's P took fwd+bwd 13.7 -> 11.7 ms
     inverse_warps: int = 1           # warps of the T kernel: with one, its 16x16 tiles' reductions stay within
     #                                  a warp (0.79 ms at 1 x 65536 on an H100, against 2.87 with four)
     scores_warps: int = 4            # warps of the P kernel
-    bwd_block_v: int = 64            # dv block of the parallel backward kernel's loop
+    bwd_block_v: int = 64            # dv block of the parallel backward kernel's loop (32 and 16 warps: slower)
     bwd_warps: int = 8
 
 
