@@ -17,23 +17,24 @@ Kernels:
   1b. `_chunk_scores_kernel`, parallel like kernel 1: P of every chunk, when few sequences leave the
      sequential kernels latency-bound (B = 1: one program per multiprocessor); it takes the largest
      product off their per-chunk path (1.45 vs 1.62 ms at 1 x 16384 on an H100; slower at 8 x 8192).
+     In training always: there kernel 3 reads P too (fwd+bwd 13.7 -> 11.7 ms at 8 x 8192 on an H200).
   2. `_chunk_fwd_kernel`, sequential over a sequence's chunks, parallel over sequences x value heads x
      dv blocks (the columns of S evolve independently, so splitting dv gives B = 1 enough programs).
      Holds S in registers and writes o directly: where fla writes w, u, v_new and every chunk's state to
      memory and reads them back, this writes nothing per chunk in inference. For training it also saves S
-     at each chunk start and d. (A variant that moved P, w = T (beta exp(c) k) and u = T (beta v) into kernel 1,
-     leaving four products a chunk here, ran 1.5-2.5x slower on an H100: it reads more per chunk and its
-     shared memory allows one program per multiprocessor. See BENCHMARKS.md.)
+     at each chunk start, and d. (A variant that moved P, w = T (beta exp(c) k) and u = T (beta v) into
+     kernel 1, leaving four products a chunk here, ran 1.5-2.5x slower on an H100: it reads more per chunk
+     and its shared memory allows one program per multiprocessor. See BENCHMARKS.md.)
   3. `_chunk_bwd_state_kernel`, sequential in reverse: dS at every chunk end (and d initial state), and
      y (the gradient of beta * (v - exp(c) k S)) with dv = beta y:
         dd = P^T dO + (exp(c_C - c) * k) dS',  y = T^T dd,
         dS = exp(c_C) dS' + (exp(c) * q)^T dO - (beta exp(c) * k)^T y.
   4. `_chunk_bwd_kernel`, parallel over chunks x value heads: from the chunk's S, dS', dO, d and y it forms
-     five products over dv (dO S^T, d dS'^T, y S^T, dO d^T, y d^T; nothing recomputed, so every product
-     is at least [64, 64] x [64, 32]) and from them dq, dk, dbeta and dg (a reverse cumsum of the gradient
-     of c). The row sums that need k S or k dS' (dbeta, dg) come from k . (y S^T) and k . (d dS'^T).
-     dq/dk are written per value head in the input dtype; the L2-norm backward kernel sums them over the
-     group when the norm is in-kernel, else torch does.
+     five products over dv (dO S^T, d dS'^T, y S^T, dO d^T, y d^T, accumulated over dv blocks of 64;
+     nothing recomputed) and from them dq, dk, dbeta and dg (a reverse cumsum of the gradient of c). The
+     row sums that need k S or k dS' (dbeta, dg) come from k . (y S^T) and k . (d dS'^T). dq/dk are
+     written per value head in the input dtype; the L2-norm backward kernel sums them over the group when
+     the norm is in-kernel, else torch does.
 
 Decode: `_recurrent_kernel` runs the recurrence token by token with S in registers, one program per
 (sequence, value head, dv block); `recurrent_gated_delta_rule_update` points it at rows of a state pool
