@@ -436,7 +436,7 @@ def _chunk_bwd_kernel(q, k, v, g, beta, hs, dhs, do, wr, y, dq, dk, dg, dbeta, c
     s_ds = tl.zeros([BK], dtype=tl.float32)
     for v0 in range(0, DV, BV):
         sd = _state_load(hs, cid, hv, HV, DK, DV, v0, BK, BV)
-        dsd = _state_load(dhs, cid, hv, HV, DK, DV, v0, BK, BV).to(dt)
+        dsd = _state_load(dhs, cid, hv, HV, DK, DV, v0, BK, BV)           # hs, dhs: stored in q's dtype
         dob = _tile_load(do, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
         wb = _tile_load(wr, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
         yb = _tile_load(y, bos, L, hv, HV * DV, DV, r0, v0, 64, BV)
@@ -572,7 +572,8 @@ class Tuning:
     inverse_warps: int = 1           # warps of the T kernel: with one, its 16x16 tiles' reductions stay within
     #                                  a warp (0.79 ms at 1 x 65536 on an H100, against 2.87 with four)
     scores_warps: int = 4            # warps of the P kernel
-    bwd_block_v: int = 64            # dv block of the parallel backward kernel's loop (32 and 16 warps: slower)
+    bwd_block_v: int = 64            # dv block of the parallel backward kernel's loop (32, or 16 warps: slower
+    #                                  on an H200)
     bwd_warps: int = 8
 
 
