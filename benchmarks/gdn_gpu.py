@@ -19,7 +19,9 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
+import time
 import traceback
 
 import torch
@@ -302,7 +304,7 @@ def kernel_resources():
 @section
 def profile_fwd_bwd():
     kernel_resources()
-    for B, T in ((1, 65536), (8, 8192)):
+    for B, T in ((1, 4096), (1, 65536), (8, 8192)):
         ins = [x.requires_grad_() for x in gdn_inputs(B, T, HK, HV, D, torch.bfloat16, seed=9)]
         do = torch.randn(B, T, HV, D, device="cuda", dtype=torch.bfloat16)
 
@@ -311,6 +313,13 @@ def profile_fwd_bwd():
             torch.autograd.grad(o, ins, do)
 
         kernel_profile(fwd_bwd, torch.device("cuda"), f"fwd+bwd {B}x{T}", lambda m: print(m, flush=True), top=12)
+        issue = []
+        for _ in range(7):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fwd_bwd()
+            issue.append((time.perf_counter() - t0) * 1e3)
+        print(f"host: fwd+bwd {B}x{T} takes {statistics.median(issue):.3f} ms to issue", flush=True)
         del ins, do
         torch.cuda.empty_cache()
 

@@ -11,7 +11,8 @@
    weights (uniform routing) + shared expert + router + activations; forward+backward reads the weights
    twice and writes every weight gradient once, and does 3x the FLOPs.
    "ours torch" is the torch backend's sort-based `_grouped_mm` path run on the GPU, for comparison.
-4. Extras: CUDA-graph replay of our 1-token forward; a few tile configurations of our grouped kernels at
+4. Extras: CUDA-graph replay of our 1-token forward; the host time of each stage of our 8192-token
+   forward against its GPU time (graph replay); a few tile configurations of our grouped kernels at
    8192 tokens; a kernel-time breakdown of ours at 8192 tokens (torch profiler).
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_gpu.py [--out DIR] [--small]
@@ -271,24 +272,30 @@ def sweep(shape, device, log, n=8192):
     gu, dn = gate_up.stride(), down.stride()
     log(f"sort: triton {timer(lambda: moe._sort_by_expert(ids, E), device):.3f} ms, "
         f"torch {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
-        f"k-sum {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms")
-    cfg = lambda bm, bn, bk, w, s, tails=0: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,  # noqa
-                                                  num_stages=s, SHORT_TAILS=tails)
-    for c in [cfg(128, 128, 64, 8, 4, 1), cfg(128, 128, 64, 8, 4), cfg(128, 128, 64, 8, 4, 2), cfg(128, 64, 64, 8, 3),
-              cfg(256, 64, 64, 8, 4), cfg(64, 128, 64, 4, 3)]:
-        t = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
-                                            swiglu_up_offset=I * gu[1], config=c), device)
-        th = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
-                                             swiglu_up_offset=I * gu[1], h=h, config=c), device)
-        log(f"gate_up {c}: {t:.3f} ms (+h {th:.3f}), {2 * M * D * 2 * I / t / 1e9:.0f} TFLOP/s")
-    for c in [cfg(128, 256, 64, 8, 4, 1), cfg(128, 256, 64, 8, 4), cfg(128, 128, 64, 8, 3), cfg(256, 128, 64, 8, 3)]:
-        t_dn = timer(lambda: moe._grouped_gemm(act, down, order, ends, D, I, dn, rows, top_k=k, scatter=True,
-                                               scale=w_flat, config=c), device)
-        t_dx = timer(lambda: moe._grouped_gemm(h, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), rows,
-                                               top_k=k, scatter=True, config=c), device)
-        t_da = timer(lambda: moe._grouped_gemm(x, down, order, ends, I, D, (dn[0], dn[2], dn[1]), act, top_k=k,
-                                               gather_a=True, config=c), device)
-        log(f"gemm {c}: down {t_dn:.3f}, dx {t_dx:.3f}, dact {t_da:.3f} ms")
+        f"k-sum torch {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms, "
+        f"ours {timer(lambda: moe._slot_sum(rows, k), device):.3f} ms")
+    cfg = lambda bm, bn, bk, w, s, tails=0, desc=True: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,  # noqa: E731
+                                                             num_warps=w, num_stages=s, SHORT_TAILS=tails, B_DESC=desc)
+    for c in [cfg(128, 128, 64, 8, 4, 2), cfg(128, 128, 64, 8, 4, 2, False), cfg(64, 128, 64, 4, 4)]:
+        try:
+            t = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
+                                                swiglu_up_offset=I * gu[1], config=c), device)
+            th = timer(lambda: moe._grouped_gemm(x, gate_up, order, ends, I, D, gu, act, top_k=k, gather_a=True,
+                                                 swiglu_up_offset=I * gu[1], h=h, config=c), device)
+            log(f"gate_up {c}: {t:.3f} ms (+h {th:.3f}), {2 * M * D * 2 * I / t / 1e9:.0f} TFLOP/s")
+        except Exception as exc:
+            log(f"gate_up {c}: {type(exc).__name__}: {str(exc)[:300]}")
+    for c in [cfg(128, 256, 64, 8, 4, 1), cfg(128, 256, 64, 8, 4, 1, False), cfg(128, 128, 64, 8, 4, 1)]:
+        try:
+            t_dn = timer(lambda: moe._grouped_gemm(act, down, order, ends, D, I, dn, rows, top_k=k, scatter=True,
+                                                   scale=w_flat, config=c), device)
+            t_dx = timer(lambda: moe._grouped_gemm(h, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), rows,
+                                                   top_k=k, scatter=True, config=c), device)
+            t_da = timer(lambda: moe._grouped_gemm(x, down, order, ends, I, D, (dn[0], dn[2], dn[1]), act, top_k=k,
+                                                   gather_a=True, config=c), device)
+            log(f"gemm {c}: down {t_dn:.3f}, dx {t_dx:.3f}, dact {t_da:.3f} ms")
+        except Exception as exc:
+            log(f"gemm {c}: {type(exc).__name__}: {str(exc)[:300]}")
     dgu, ddn = torch.empty_like(gate_up), torch.empty_like(down)
     wc = lambda bn, bk, br, w, s: dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=s)  # noqa
     for c in [wc(128, 128, 32, 4, 3), wc(128, 128, 64, 8, 3), wc(128, 256, 64, 8, 3), wc(128, 128, 32, 8, 4),
@@ -335,11 +342,61 @@ def profile(block, shape, device, log, out_dir):
         p.grad = None
 
 
+def host_costs(block, shape, device, log, n=8192):
+    """Where the eager forward's time goes at n tokens: host milliseconds to issue each stage (the queue is
+    drained before each call, so nothing waits), and the whole forward's GPU time replayed from a CUDA graph."""
+    from qwen3next.ops.triton import moe
+
+    D, E, k, I, _ = shape
+    x = torch.randn(1, n, D, device=device, dtype=torch.bfloat16)
+    flat = x.view(n, D)
+    gu, dn = block.experts.gate_up_proj, block.experts.down_proj
+    fwd = our_block(block, ops.moe_experts)
+    with torch.no_grad():
+        shared = block.shared_expert(flat)
+        logits = F.linear(flat, block.gate.weight)
+        weights, ids = ops.route(logits, k, True)
+        order, ends = moe._sort_by_expert(ids, E)
+        routed = ops.moe_experts(flat, gu, dn, weights, ids)
+        act, tiny = flat.new_empty(n * k, I), torch.zeros(8, device=device)
+        stages = {
+            "tiny torch op": lambda: tiny.add_(1),
+            "shared expert": lambda: block.shared_expert(flat),
+            "router linear": lambda: F.linear(flat, block.gate.weight),
+            "route": lambda: ops.route(logits, k, True),
+            "sort": lambda: moe._sort_by_expert(ids, E),
+            "gate/up GEMM launch": lambda: moe._grouped_gemm(flat, gu, order, ends, I, D, gu.stride(), act, top_k=k,
+                                                             gather_a=True, swiglu_up_offset=I * gu.stride(1)),
+            "routed experts": lambda: ops.moe_experts(flat, gu, dn, weights, ids),
+            "shared gate + combine": lambda: ops.sigmoid_gate(shared, block.shared_expert_gate(flat), routed),
+            "whole forward": lambda: fwd(x),
+        }
+        for name, fn in stages.items():
+            times = []
+            for _ in range(12):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            log(f"host: {name}: {statistics.median(times[2:]):.3f} ms to issue")
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fwd(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fwd(x)
+        log(f"{n} tokens fwd: eager {timer(lambda: fwd(x), device):.3f} ms, "
+            f"CUDA graph replay {timer(graph.replay, device):.3f} ms (GPU time)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--small", action="store_true", help="tiny shapes: check the script, not the speed")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["sweep", "profile", "check"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["bench", "sweep", "profile", "check", "host"])
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = (64, 16, 4, 32, 32) if args.small else (2048, 512, 10, 512, 512)  # D, E, k, I, shared I
@@ -361,9 +418,14 @@ def main():
     if "check" not in args.skip:
         check(shape, device, log)
     peak, bw = ceilings(device, log) if device.type == "cuda" else (1e12, 1e11)
-    block, config, table = bench(shape, device, tokens, peak, bw, log)
+    if "bench" in args.skip:
+        (block, config), table = make_block(shape, device, torch.bfloat16), ""
+    else:
+        block, config, table = bench(shape, device, tokens, peak, bw, log)
     if device.type == "cuda":
         extras = [lambda: graph_replay(block, config, shape, device, log)]
+        if "host" not in args.skip:
+            extras.append(lambda: host_costs(block, shape, device, log))
         if "profile" not in args.skip:
             extras.append(lambda: profile(block, shape, device, log, args.out))
         if "sweep" not in args.skip:

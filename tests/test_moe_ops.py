@@ -106,16 +106,32 @@ def test_triton_grouped_matches_reference(name):
     _assert_matches_reference(moe.moe_experts, name)
 
 
+@pytest.mark.parametrize("b_desc", [False, True])
 @pytest.mark.parametrize("short_tails", [0, 1, 2])
-def test_triton_grouped_short_tail_tiles(monkeypatch, short_tails):
+def test_triton_grouped_short_tail_tiles(monkeypatch, short_tails, b_desc):
     """64-row tiles over experts whose last tile is full, at most half full, at most a quarter full, or
-    absent, with the short-tail paths off, to half height, and to quarter height: outputs and gradients."""
+    absent, with the short-tail paths off, to half height, and to quarter height, the weights read by
+    pointers or through TMA descriptors: outputs and gradients."""
     moe = _triton_moe()
     counts = torch.tensor([64 + 10, 64 + 20, 40, 0, 5, 128])  # rows per expert
     g = torch.Generator().manual_seed(short_tails)
     ids = torch.repeat_interleave(torch.arange(len(counts)), counts)[torch.randperm(int(counts.sum()), generator=g)]
     args = _inputs(int(counts.sum()), 32, 16, len(counts), 1, ids=ids[:, None])
-    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2, SHORT_TAILS=short_tails)
+    config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2, SHORT_TAILS=short_tails,
+                  B_DESC=b_desc)
+    monkeypatch.setattr(moe, "_gemm_config", lambda *_: config)
+    _assert_close_to_reference(moe.moe_experts, args)
+
+
+@pytest.mark.parametrize("D,I", [(24, 12), (6, 10)])
+def test_triton_grouped_weight_descriptors(monkeypatch, D, I):
+    """TMA descriptor reads of the weights with reduction tails (24 and 12 are not multiples of the 16-wide
+    steps), and weights whose rows break TMA's 16-byte alignment (D = 6 in fp32), which must fall back to
+    pointer loads: outputs and gradients against the reference."""
+    moe = _triton_moe()
+    args = _inputs(53, D, I, 5, 2, seed=D)
+    assert moe._tma_loads(args[1]) == (D * 4 % 16 == 0)
+    config = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=2, SHORT_TAILS=1, B_DESC=True)
     monkeypatch.setattr(moe, "_gemm_config", lambda *_: config)
     _assert_close_to_reference(moe.moe_experts, args)
 

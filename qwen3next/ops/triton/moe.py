@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..moe import _grouped_mm_takes, autocast_operands, check_moe_inputs, check_route_inputs, sort_by_expert
 from . import dot_precision
@@ -208,12 +209,24 @@ def _operand_rows(pair, rows, TOP_K: tl.constexpr, GATHER: tl.constexpr):
 
 
 @triton.jit
+def _desc_tile(b, e, n0, k0, B_KN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] weight tile of expert e at output column n0 and reduction step k0, through the
+    TMA descriptor b over the stacked weights [E, R, C]: R indexes the reduction (B_KN) or the output
+    columns. Out-of-bounds elements read as zero."""
+    if B_KN:
+        tile = b.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        tile = tl.trans(b.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+    return tile
+
+
+@triton.jit
 def _grouped_gemm_tile(
     a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
     SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_DESC: tl.constexpr, B_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One output tile of `_grouped_gemm_kernel`: rows row0 .. row0 + BLOCK_M (masked at row_end) of expert
     e, columns pid_n * BLOCK_N .. + BLOCK_N."""
@@ -225,7 +238,8 @@ def _grouped_gemm_tile(
     nmask = cols < N_OUT
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a + a_rows[:, None] * stride_am + ks[None, :]
-    b_ptrs = b + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    if not B_DESC:
+        b_ptrs = b + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -237,13 +251,20 @@ def _grouped_gemm_tile(
             a_mask = rmask[:, None] & kmask[None, :]
             b_mask = kmask[:, None] & nmask[None, :]
         a_tile = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        b_tile = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if B_DESC:
+            b_tile = _desc_tile(b, e, pid_n * BLOCK_N, k0, B_KN, BLOCK_N, BLOCK_K)
+        else:
+            b_tile = tl.load(b_ptrs, mask=b_mask, other=0.0)
         acc = tl.dot(a_tile, b_tile, acc, input_precision=PREC)
         if SWIGLU:
-            up_tile = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
+            if B_DESC:  # the up rows follow the gate rows: N_OUT = I rows further
+                up_tile = _desc_tile(b, e, N_OUT + pid_n * BLOCK_N, k0, B_KN, BLOCK_N, BLOCK_K)
+            else:
+                up_tile = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
             acc_up = tl.dot(a_tile, up_tile, acc_up, input_precision=PREC)
         a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+        if not B_DESC:
+            b_ptrs += BLOCK_K * stride_bk
     mask = rmask[:, None] & nmask[None, :]
     if SWIGLU:
         if STORE_H:
@@ -266,8 +287,8 @@ def _grouped_gemm_kernel(
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
     SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    SHORT_TAILS: tl.constexpr,
+    B_DESC: tl.constexpr, B_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, SHORT_TAILS: tl.constexpr,
 ):
     """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
     k*stride_bk + n*stride_bn. row' = order[r] // TOP_K (GATHER_A: the token) else r; C's row = order[r]
@@ -275,7 +296,9 @@ def _grouped_gemm_kernel(
     second product with B shifted by up_offset gives `up`; C = silu(first) * up, and STORE_H keeps both
     pre-activations in h [M, 2*N_OUT]. SHORT_TAILS: an expert's last tile, when at most half full, runs
     as a half-height tile (a quarter-height one when at most a quarter full), so it does not multiply
-    padding rows: at 160 rows per expert, 128-row tiles compute 256 rows, with short tails about 176."""
+    padding rows: at 160 rows per expert, 128-row tiles compute 256 rows, with short tails about 176.
+    B_DESC: b is a TMA descriptor over the stacked weights [E, R, C] (block [1, BLOCK_K, BLOCK_N] when B_KN,
+    the weights' rows indexing the reduction, else [1, BLOCK_N, BLOCK_K]) and the strides are unused."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_OUT, BLOCK_N)
     pid_m = pid // num_n
@@ -287,15 +310,15 @@ def _grouped_gemm_kernel(
     if SHORT_TAILS >= 2 and rest <= BLOCK_M // 4:
         _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
                            stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
-                           SWIGLU, STORE_H, EVEN_K, PREC, BLOCK_M // 4, BLOCK_N, BLOCK_K)
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, B_KN, BLOCK_M // 4, BLOCK_N, BLOCK_K)
     elif SHORT_TAILS >= 1 and rest <= BLOCK_M // 2:
         _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
                            stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
-                           SWIGLU, STORE_H, EVEN_K, PREC, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, B_KN, BLOCK_M // 2, BLOCK_N, BLOCK_K)
     else:
         _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
                            stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
-                           SWIGLU, STORE_H, EVEN_K, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, B_KN, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -362,6 +385,29 @@ def _swiglu_bwd_kernel(dact, h, order, scale, dh, dscale, act_w, I, HAS_DACT: tl
         tl.store(dh + r * 2 * I + I + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _slot_sum_kernel(rows, out, D, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = the sum over slots s, in slot order and in fp32, of rows[t * TOP_K + s] (rows [N*TOP_K, D] and
+    out [N, D] contiguous)."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(TOP_K):
+        acc += tl.load(rows + (t * TOP_K + s) * D + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out + t * D + cols, acc.to(out.dtype.element_ty), mask=m)
+
+
+def _slot_sum(rows: torch.Tensor, top_k: int) -> torch.Tensor:
+    """rows [N*k, D] (the (token, slot) rows) -> [N, D]: each token's k rows summed (deterministic)."""
+    M, D = rows.shape
+    out = rows.new_empty(M // top_k, D)
+    if M:
+        block = min(1024, triton.next_power_of_2(D))
+        _slot_sum_kernel[(M // top_k, triton.cdiv(D, block))](rows, out, D, TOP_K=top_k, BLOCK_D=block, num_warps=4)
+    return out
+
+
 def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> dict:
     """Tile shapes by the mean rows per expert: 16-row tiles for few rows (memory-bound, weight reads
     dominate; the fastest of a sweep at 32 and 256 tokens on an H100: 90-95% of the copy bandwidth; fp32 takes
@@ -369,7 +415,9 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
     128-row tiles with short tails beyond (gate/up down to a quarter, down to half height): in 16-bit,
     128 x 256 outputs (gate and up 128 columns each) four stages deep, the fastest at 8192 tokens x 10 slots
     over 512 experts on an H100 (gate/up 1.02-1.05 ms, down 0.68, against 1.15 and 0.75-0.83 with the
-    128 x 128 tiles that fp32 keeps for shared memory; benchmarks/moe_gpu.py sweep)."""
+    128 x 128 tiles that fp32 keeps for shared memory; benchmarks/moe_gpu.py sweep). The 128-row tiles read
+    the weights through TMA descriptors (B_DESC): on an H200 gate/up 0.90 against 0.94 ms, down 0.60 against
+    0.71, dx 0.88 against 0.94 (pointer loads); the small tiles are unmeasured that way and keep pointers."""
     mean = rows / max(experts, 1)
     if mean <= 16:
         return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if element_size <= 2 else 64, num_warps=4, num_stages=3,
@@ -379,12 +427,20 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
     wide = element_size <= 2
     block_n = (128 if wide else 64) if swiglu else (256 if wide else 128)
     return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=4 if wide else 3,
-                SHORT_TAILS=2 if swiglu else 1)
+                SHORT_TAILS=2 if swiglu else 1, B_DESC=True)
 
 
 # Weight-gradient tiles: the fastest of the sweep for both projections (dgate_up 1.78 ms, ddown 0.95 at 8192
 # tokens on an H100; 32-row reduction steps, four warps).
 WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stages=3)
+
+
+def _tma_loads(w: torch.Tensor) -> bool:
+    """Whether w [E, R, C] can be read through a TMA descriptor: last dim contiguous, 16-byte aligned start
+    and strides (Hopper's bulk-copy rules), on CUDA or in Triton's interpreter."""
+    size = w.element_size()
+    return (w.stride(2) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * size) % 16 == 0
+            and (w.stride(1) * size) % 16 == 0)
 
 
 def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gather_a=False, scatter=False,
@@ -396,13 +452,18 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
         return out
     num_tiles = triton.cdiv(M, cfg["BLOCK_M"]) + min(E, M)
     grid = (num_tiles * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    cfg = dict(cfg, B_DESC=cfg.get("B_DESC", False) and _tma_loads(w))
+    b_kn = w_strides[1] == 1  # the weights' rows index the reduction (their columns the outputs)
+    if cfg["B_DESC"]:
+        block = [cfg["BLOCK_K"], cfg["BLOCK_N"]] if b_kn else [cfg["BLOCK_N"], cfg["BLOCK_K"]]
+        w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1] + block)
     _grouped_gemm_kernel[grid](
         a, w, out, h if h is not None else out, order, scale if scale is not None else out, ends, E, n_out, k_dim,
         a.stride(0), *w_strides, out.stride(0), h.stride(0) if h is not None else 0,
         swiglu_up_offset or 0,
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
         SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
-        PREC=dot_precision(a.dtype),
+        PREC=dot_precision(a.dtype), B_KN=b_kn,
         BLOCK_E=triton.next_power_of_2(E), **cfg)
     return out
 
@@ -458,7 +519,7 @@ class _MoEExperts(torch.autograd.Function):
         if training:  # act is recomputed from h in the backward
             ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, h)
             ctx.shape = (N, k, weights.dtype)
-        return rows.view(N, k, D).sum(1)
+        return _slot_sum(rows, k)
 
     @staticmethod
     def backward(ctx, dout):
@@ -487,7 +548,7 @@ class _MoEExperts(torch.autograd.Function):
             gu = gate_up.stride()  # dx rows[r, d] = sum_j dh[r, j] * gate_up[e, j, d]
             rows = _grouped_gemm(dh, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), x.new_empty(M, D),
                                  top_k=k, scatter=True)
-            dx = rows.view(N, k, D).sum(1)
+            dx = _slot_sum(rows, k)
         if need_gu:
             dgu = _weight_grad(dh, x, order, ends, gate_up, top_k=k, gather_a=True)
         if need_dn:
