@@ -69,15 +69,17 @@ def make_block(shape, device, dtype):
     return block, config
 
 
-def our_block(block, experts_fn):
-    """The block's computation with our ops, in the model's SparseMoE order (transformers' shared-expert MLP)."""
+def our_block(block, experts_fn, shared_first=False):
+    """The block's computation with our ops, in the model's SparseMoE order (transformers' shared-expert MLP;
+    shared_first: its matmuls before the routing, the order before session 9)."""
     k, norm = block.gate.top_k, block.gate.norm_topk_prob
 
     def run(x):
         flat = x.view(-1, x.shape[-1])
-        shared = block.shared_expert(flat)  # first, as the model's SparseMoE: it covers the routing launches
+        shared = block.shared_expert(flat) if shared_first else None
         weights, ids = ops.route(F.linear(flat, block.gate.weight), k, norm)
         routed = experts_fn(flat, block.experts.gate_up_proj, block.experts.down_proj, weights, ids)
+        shared = block.shared_expert(flat) if shared is None else shared
         return ops.sigmoid_gate(shared, block.shared_expert_gate(flat), routed).view_as(x)
 
     return run
@@ -270,6 +272,14 @@ def sweep(shape, device, log, n=8192):
     order, ends = moe._sort_by_expert(ids, E)
     act, h, rows = x.new_empty(M, I), x.new_empty(M, 2 * I), x.new_empty(M, D)
     gu, dn = gate_up.stride(), down.stride()
+    from triton.testing import do_bench
+
+    order_ends = torch.empty(M, device=device, dtype=torch.int64), torch.empty(E, device=device, dtype=torch.int32)
+    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
+        ms = do_bench(lambda: moe._sort_by_expert_kernel[(E,)](ids, *order_ends, M, BLOCK=block, num_warps=warps))
+        log(f"sort kernel, {M} pairs, block {block}, {warps} warps: {ms:.3f} ms GPU (back-to-back launches)")
+    log(f"sort kernel as run: {do_bench(lambda: moe._sort_by_expert(ids, E)):.3f}, torch.sort path "
+        f"{do_bench(lambda: sort_by_expert(ids, E)):.3f} ms GPU (back-to-back)")
     log(f"sort: triton {timer(lambda: moe._sort_by_expert(ids, E), device):.3f} ms, "
         f"torch {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
         f"k-sum torch {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms, "
@@ -298,8 +308,7 @@ def sweep(shape, device, log, n=8192):
             log(f"gemm {c}: {type(exc).__name__}: {str(exc)[:300]}")
     dgu, ddn = torch.empty_like(gate_up), torch.empty_like(down)
     wc = lambda bn, bk, br, w, s: dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=s)  # noqa
-    for c in [wc(128, 128, 32, 4, 3), wc(128, 128, 64, 8, 3), wc(128, 256, 64, 8, 3), wc(128, 128, 32, 8, 4),
-              wc(64, 128, 64, 4, 4)]:
+    for c in [wc(128, 128, 32, 4, 3), wc(128, 128, 32, 4, 4), wc(64, 256, 32, 4, 3)]:
         t1 = timer(lambda: moe._grouped_wgrad(h, x, order, ends, dgu, top_k=k, gather_a=True, config=c), device)
         t2 = timer(lambda: moe._grouped_wgrad(x, act, order, ends, ddn, top_k=k, gather_g=True, config=c), device)
         log(f"wgrad {c}: dgate_up {t1:.3f}, ddown {t2:.3f} ms")
@@ -390,6 +399,22 @@ def host_costs(block, shape, device, log, n=8192):
             fwd(x)
         log(f"{n} tokens fwd: eager {timer(lambda: fwd(x), device):.3f} ms, "
             f"CUDA graph replay {timer(graph.replay, device):.3f} ms (GPU time)")
+    xg, dout = x.clone().requires_grad_(True), torch.randn_like(x)
+    params = list(block.parameters()) + [xg]
+    cap = moe.SORT_KERNEL_MAX_PAIRS
+    for label, variant in (("as run", fwd), ("shared expert first", our_block(block, ops.moe_experts, True)),
+                           ("torch.sort for the expert order", fwd)):
+        moe.SORT_KERNEL_MAX_PAIRS = 0 if "sort" in label else cap
+        with torch.no_grad():
+            t_fwd = timer(lambda: variant(x), device)
+
+        def step():
+            variant(xg).backward(dout)
+            for p in params:
+                p.grad = None
+
+        log(f"{n} tokens, {label}: fwd {t_fwd:.3f} ms, fwd+bwd {timer(step, device):.3f} ms")
+    moe.SORT_KERNEL_MAX_PAIRS = cap
 
 
 def main():

@@ -316,11 +316,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> (y [B, T, D], router logits [B*T, E])."""
         flat = x.reshape(-1, x.shape[-1])
-        # the shared expert first: its matmuls keep the GPU busy while the host launches routing and sorting
-        shared = self.shared_expert(flat)
+        # routing first, so that the host reaches the expert GEMMs' launches soonest; the shared expert after
         router_logits = F.linear(flat, self.gate.weight)
         weights, ids = ops.route(router_logits, self.top_k, self.norm_topk_prob)
         routed = ops.moe_experts(flat, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        shared = self.shared_expert(flat)
         out = ops.sigmoid_gate(shared, self.shared_expert_gate(flat), routed)
         return out.view_as(x), router_logits
 

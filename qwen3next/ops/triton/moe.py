@@ -33,6 +33,8 @@ inputs' dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -154,13 +156,15 @@ def _sort_by_expert_kernel(ids, order, ends, M, BLOCK: tl.constexpr):
     tl.store(ends + e, pos)
 
 
-SORT_KERNEL_MAX_PAIRS = 32768  # beyond, torch.sort is faster (every program of ours scans all the pairs)
+SORT_KERNEL_MAX_PAIRS = 131072  # beyond, torch.sort (every program of ours scans all the pairs)
 
 
 def _sort_by_expert(ids: torch.Tensor, num_experts: int):
-    """`qwen3next.ops.moe.sort_by_expert`: one launch of our kernel for up to SORT_KERNEL_MAX_PAIRS pairs
-    (5.8 against 26 us for torch.sort at 32 tokens x 10 slots over 512 experts on an H100, CUDA-graph GPU
-    time), torch.sort beyond (54 against 117 us at 8192 tokens)."""
+    """`qwen3next.ops.moe.sort_by_expert`: one launch of our kernel for up to SORT_KERNEL_MAX_PAIRS pairs,
+    torch.sort beyond. On an H100 in CUDA-graph GPU time ours took 5.8 against 26 us at 32 tokens x 10
+    slots over 512 experts, 117 against 54 us at 8192 tokens; but the torch.sort path is five ops to launch,
+    and on an H200 the eager 8192-token block forward took 1.98 ms with our kernel against 2.40 with it
+    (benchmarks/moe_gpu.py host)."""
     M = ids.numel()
     if M > SORT_KERNEL_MAX_PAIRS:
         return sort_by_expert(ids, num_experts)
@@ -435,12 +439,11 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
 WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stages=3)
 
 
-def _tma_loads(w: torch.Tensor) -> bool:
-    """Whether w [E, R, C] can be read through a TMA descriptor: last dim contiguous, 16-byte aligned start
-    and strides (Hopper's bulk-copy rules), on CUDA or in Triton's interpreter."""
-    size = w.element_size()
-    return (w.stride(2) == 1 and w.data_ptr() % 16 == 0 and (w.stride(0) * size) % 16 == 0
-            and (w.stride(1) * size) % 16 == 0)
+def _tma_loads(t: torch.Tensor) -> bool:
+    """Whether t can be read through a TMA descriptor: last dim contiguous, 16-byte aligned start and strides
+    (Hopper's bulk-copy rules)."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
 def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gather_a=False, scatter=False,
@@ -634,8 +637,10 @@ def moe_experts(x, gate_up, down, weights, ids):
     check_moe_inputs(x, gate_up, down, weights, ids)
     x = x.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, weights))
-    # the operands are cast: the wrappers run as written (CUDA autocast would, e.g., sum the k slots in fp32)
-    with torch.autocast(x.device.type, enabled=False):
+    # the operands are cast: the wrappers run as written (CUDA autocast would, e.g., cast a product's output);
+    # the context only where autocast is on (entering it costs the host more than a kernel launch)
+    device = x.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
         if not needs_grad and x.shape[0] <= DECODE_MAX_TOKENS:
             return _moe_decode(x, gate_up, down, weights, ids)
         return _MoEExperts.apply(x, gate_up, down, weights, ids)
