@@ -7,12 +7,15 @@ experts gate_up [E, 2I, D] (gate rows, then up rows) and down [E, D, I], and M =
            renormalisation).
   sort     ids -> order [M] (the flat pair index n*k + s of each row once sorted by expert) and ends [E]
            (cumulative rows per expert): one kernel, a program per expert, stable, no host sync (torch.sort
-           for many pairs).
+           beyond 131072 pairs).
   gate/up  act[r] = silu(x[t] . Wg[e]) * (x[t] . Wu[e]) for sorted row r = (token t, expert e): a grouped
            GEMM whose A rows are gathered from x, SiLU-times-up fused into its epilogue.
   down     Y[order[r]] = w[order[r]] * (act[r] . Wd[e]): a grouped GEMM with the routing weight applied
            and each row stored back at its (token, slot) position; out[t] = sum over s of Y[t, s], in slot
-           order: deterministic, no atomics.
+           order (one kernel): deterministic, no atomics.
+
+On Hopper the forward's 128-row tiles read the weights through TMA descriptors (bulk copies, zero-filled
+out of bounds); the gathered activation rows always go through pointer loads.
 
 The grouped GEMM kernel maps its programs onto (expert, row tile) pairs itself: each program reads the
 per-expert row ends and finds its expert by a prefix sum over tile counts, so the launch grid is an upper
@@ -213,15 +216,11 @@ def _operand_rows(pair, rows, TOP_K: tl.constexpr, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _desc_tile(b, e, n0, k0, B_KN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _desc_tile(b, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] weight tile of expert e at output column n0 and reduction step k0, through the
-    TMA descriptor b over the stacked weights [E, R, C]: R indexes the reduction (B_KN) or the output
-    columns. Out-of-bounds elements read as zero."""
-    if B_KN:
-        tile = b.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
-    else:
-        tile = tl.trans(b.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
-    return tile
+    TMA descriptor b over the stacked weights [E, N, K] (block [1, BLOCK_N, BLOCK_K]); out-of-bounds elements
+    read as zero."""
+    return tl.trans(b.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -230,7 +229,7 @@ def _grouped_gemm_tile(
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
     SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    B_DESC: tl.constexpr, B_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One output tile of `_grouped_gemm_kernel`: rows row0 .. row0 + BLOCK_M (masked at row_end) of expert
     e, columns pid_n * BLOCK_N .. + BLOCK_N."""
@@ -256,13 +255,13 @@ def _grouped_gemm_tile(
             b_mask = kmask[:, None] & nmask[None, :]
         a_tile = tl.load(a_ptrs, mask=a_mask, other=0.0)
         if B_DESC:
-            b_tile = _desc_tile(b, e, pid_n * BLOCK_N, k0, B_KN, BLOCK_N, BLOCK_K)
+            b_tile = _desc_tile(b, e, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K)
         else:
             b_tile = tl.load(b_ptrs, mask=b_mask, other=0.0)
         acc = tl.dot(a_tile, b_tile, acc, input_precision=PREC)
         if SWIGLU:
             if B_DESC:  # the up rows follow the gate rows: N_OUT = I rows further
-                up_tile = _desc_tile(b, e, N_OUT + pid_n * BLOCK_N, k0, B_KN, BLOCK_N, BLOCK_K)
+                up_tile = _desc_tile(b, e, N_OUT + pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K)
             else:
                 up_tile = tl.load(b_ptrs + up_offset, mask=b_mask, other=0.0)
             acc_up = tl.dot(a_tile, up_tile, acc_up, input_precision=PREC)
@@ -291,7 +290,7 @@ def _grouped_gemm_kernel(
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
     SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
-    B_DESC: tl.constexpr, B_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, SHORT_TAILS: tl.constexpr,
 ):
     """C[row] = A[row'] @ B[e] over the sorted rows r of expert e, B[e][k, n] at b + e*stride_be +
@@ -301,8 +300,8 @@ def _grouped_gemm_kernel(
     pre-activations in h [M, 2*N_OUT]. SHORT_TAILS: an expert's last tile, when at most half full, runs
     as a half-height tile (a quarter-height one when at most a quarter full), so it does not multiply
     padding rows: at 160 rows per expert, 128-row tiles compute 256 rows, with short tails about 176.
-    B_DESC: b is a TMA descriptor over the stacked weights [E, R, C] (block [1, BLOCK_K, BLOCK_N] when B_KN,
-    the weights' rows indexing the reduction, else [1, BLOCK_N, BLOCK_K]) and the strides are unused."""
+    B_DESC: b is a TMA descriptor over the stacked weights [E, N_OUT rows (2 N_OUT with SWIGLU), K] (the
+    forward's layout: reduction contiguous), block [1, BLOCK_N, BLOCK_K]; the strides are then unused."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_OUT, BLOCK_N)
     pid_m = pid // num_n
@@ -314,15 +313,15 @@ def _grouped_gemm_kernel(
     if SHORT_TAILS >= 2 and rest <= BLOCK_M // 4:
         _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
                            stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
-                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, B_KN, BLOCK_M // 4, BLOCK_N, BLOCK_K)
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, BLOCK_M // 4, BLOCK_N, BLOCK_K)
     elif SHORT_TAILS >= 1 and rest <= BLOCK_M // 2:
         _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
                            stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
-                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, B_KN, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, BLOCK_M // 2, BLOCK_N, BLOCK_K)
     else:
         _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
                            stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
-                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, B_KN, BLOCK_M, BLOCK_N, BLOCK_K)
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -419,9 +418,10 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
     128-row tiles with short tails beyond (gate/up down to a quarter, down to half height): in 16-bit,
     128 x 256 outputs (gate and up 128 columns each) four stages deep, the fastest at 8192 tokens x 10 slots
     over 512 experts on an H100 (gate/up 1.02-1.05 ms, down 0.68, against 1.15 and 0.75-0.83 with the
-    128 x 128 tiles that fp32 keeps for shared memory; benchmarks/moe_gpu.py sweep). The 128-row tiles read
-    the weights through TMA descriptors (B_DESC): on an H200 gate/up 0.90 against 0.94 ms, down 0.60 against
-    0.71, dx 0.88 against 0.94 (pointer loads); the small tiles are unmeasured that way and keep pointers."""
+    128 x 128 tiles that fp32 keeps for shared memory; benchmarks/moe_gpu.py sweep). The 128-row tiles of the
+    forward read the weights through TMA descriptors (B_DESC): on an H200, three runs, gate/up 0.88-0.91
+    against 0.92-0.94 ms, down 0.60-0.64 against 0.64-0.72 (pointer loads); the small tiles are unmeasured
+    that way and keep pointers."""
     mean = rows / max(experts, 1)
     if mean <= 16:
         return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128 if element_size <= 2 else 64, num_warps=4, num_stages=3,
@@ -440,8 +440,10 @@ WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stage
 
 
 def _tma_loads(t: torch.Tensor) -> bool:
-    """Whether t can be read through a TMA descriptor: last dim contiguous, 16-byte aligned start and strides
-    (Hopper's bulk-copy rules)."""
+    """Whether t is read through a TMA descriptor: on a Hopper-or-later GPU (or Triton's interpreter), with
+    the last dim contiguous and a 16-byte aligned start and strides (the bulk-copy rules)."""
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
     size = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
@@ -455,18 +457,18 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
         return out
     num_tiles = triton.cdiv(M, cfg["BLOCK_M"]) + min(E, M)
     grid = (num_tiles * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-    cfg = dict(cfg, B_DESC=cfg.get("B_DESC", False) and _tma_loads(w))
-    b_kn = w_strides[1] == 1  # the weights' rows index the reduction (their columns the outputs)
+    # TMA for the forward's weights (rows = output columns, reduction contiguous); the backward's transposed
+    # reads measured no faster that way (H200: dact, dx -0.06 to +0.05 ms over three runs) and keep pointers
+    cfg = dict(cfg, B_DESC=cfg.get("B_DESC", False) and w_strides[2] == 1 and _tma_loads(w))
     if cfg["B_DESC"]:
-        block = [cfg["BLOCK_K"], cfg["BLOCK_N"]] if b_kn else [cfg["BLOCK_N"], cfg["BLOCK_K"]]
-        w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1] + block)
+        w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_K"]])
     _grouped_gemm_kernel[grid](
         a, w, out, h if h is not None else out, order, scale if scale is not None else out, ends, E, n_out, k_dim,
         a.stride(0), *w_strides, out.stride(0), h.stride(0) if h is not None else 0,
         swiglu_up_offset or 0,
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
         SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
-        PREC=dot_precision(a.dtype), B_KN=b_kn,
+        PREC=dot_precision(a.dtype),
         BLOCK_E=triton.next_power_of_2(E), **cfg)
     return out
 
