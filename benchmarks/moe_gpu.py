@@ -12,7 +12,7 @@
    twice and writes every weight gradient once, and does 3x the FLOPs.
    "ours torch" is the torch backend's sort-based `_grouped_mm` path run on the GPU, for comparison.
 4. Extras: CUDA-graph replay of our 1-token forward; the host time of each stage of our 8192-token
-   forward against its GPU time (graph replay); a few tile configurations of our grouped kernels at
+   forward against its GPU time (graph replay) and where the GPU waits; a few tile configurations of our grouped kernels at
    8192 tokens; a kernel-time breakdown of ours at 8192 tokens (torch profiler).
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_gpu.py [--out DIR] [--small]
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from qwen3next import ops
 from qwen3next.ops.moe import moe_experts_grouped, moe_experts_ref, route_ref
-from timing import time_once
+from timing import gpu_idle, time_once
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
@@ -353,7 +353,9 @@ def profile(block, shape, device, log, out_dir):
 
 def host_costs(block, shape, device, log, n=8192):
     """Where the eager forward's time goes at n tokens: host milliseconds to issue each stage (the queue is
-    drained before each call, so nothing waits), and the whole forward's GPU time replayed from a CUDA graph."""
+    drained before each call, so nothing waits), the whole forward's GPU time replayed from a CUDA graph, the
+    eager forward and fwd+bwd under the alternatives of the block's order and expert sort, and where the GPU
+    waits for the host in them (`timing.gpu_idle`)."""
     from qwen3next.ops.triton import moe
 
     D, E, k, I, _ = shape
@@ -401,20 +403,25 @@ def host_costs(block, shape, device, log, n=8192):
             f"CUDA graph replay {timer(graph.replay, device):.3f} ms (GPU time)")
     xg, dout = x.clone().requires_grad_(True), torch.randn_like(x)
     params = list(block.parameters()) + [xg]
-    cap = moe.SORT_KERNEL_MAX_PAIRS
+    cap, as_run_step = moe.SORT_KERNEL_MAX_PAIRS, None
     for label, variant in (("as run", fwd), ("shared expert first", our_block(block, ops.moe_experts, True)),
                            ("torch.sort for the expert order", fwd)):
         moe.SORT_KERNEL_MAX_PAIRS = 0 if "sort" in label else cap
         with torch.no_grad():
             t_fwd = timer(lambda: variant(x), device)
 
-        def step():
+        def step(variant=variant):
             variant(xg).backward(dout)
             for p in params:
                 p.grad = None
 
+        as_run_step = as_run_step or step
+
         log(f"{n} tokens, {label}: fwd {t_fwd:.3f} ms, fwd+bwd {timer(step, device):.3f} ms")
     moe.SORT_KERNEL_MAX_PAIRS = cap
+    with torch.no_grad():
+        gpu_idle(lambda: fwd(x), device, f"{n} tokens fwd", log)
+    gpu_idle(as_run_step, device, f"{n} tokens fwd+bwd", log)
 
 
 def main():
