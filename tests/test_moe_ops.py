@@ -154,6 +154,23 @@ def test_autocast_runs_the_experts_in_its_dtype(path):
     assert [g.dtype for g in grads] == [torch.float32] * 3 and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("name", ["random", "empty_experts", "one_expert"])
+def test_triton_inference_path_matches_reference(name):
+    """Without gradients routing and the grouped experts run without autograd nodes (more tokens than the
+    decode path takes): the same routing and outputs as the reference, and nothing to differentiate."""
+    moe = _triton_moe()
+    x, gate_up, down, weights, ids, _ = _case(name)
+    assert x.shape[0] > moe.DECODE_MAX_TOKENS
+    logits = torch.randn(x.shape[0], gate_up.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.no_grad():
+        w_got, ids_got = moe.route(logits.requires_grad_(True), 2, True)
+        out = moe.moe_experts(x.requires_grad_(True), gate_up, down, weights, ids)
+    w_want, ids_want = route_ref(logits.detach(), 2, True)
+    assert torch.equal(ids_got, ids_want) and rel_err(w_got, w_want) < FP32_TOL
+    assert rel_err(out, moe_experts_ref(x.detach(), gate_up, down, weights, ids)) < FP32_TOL
+    assert out.grad_fn is None and w_got.grad_fn is None
+
+
 @pytest.mark.parametrize("name", ["random", "empty_experts", "topE"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_triton_decode_matches_reference(name, tokens):

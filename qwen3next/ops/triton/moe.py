@@ -100,15 +100,21 @@ def _route_bwd_kernel(logits, ids, dweights, dlogits, E, stride_l, stride_dl, K:
     tl.store(dlogits + n * stride_dl + cols, dz.to(dlogits.dtype.element_ty), mask=valid)
 
 
+def _route_forward(logits, top_k, norm_topk_prob):
+    """(weights, ids) of `route`: the kernel's launch."""
+    N, E = logits.shape
+    weights = torch.empty(N, top_k, device=logits.device, dtype=logits.dtype)
+    ids = torch.empty(N, top_k, device=logits.device, dtype=torch.int64)
+    if N > 0:
+        _route_fwd_kernel[(N,)](logits, weights, ids, E, logits.stride(0), K=top_k, NORM=norm_topk_prob,
+                                BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+    return weights, ids
+
+
 class _Route(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, norm_topk_prob):
-        N, E = logits.shape
-        weights = torch.empty(N, top_k, device=logits.device, dtype=logits.dtype)
-        ids = torch.empty(N, top_k, device=logits.device, dtype=torch.int64)
-        if N > 0:
-            _route_fwd_kernel[(N,)](logits, weights, ids, E, logits.stride(0), K=top_k, NORM=norm_topk_prob,
-                                    BLOCK_E=triton.next_power_of_2(E), num_warps=4)
+        weights, ids = _route_forward(logits, top_k, norm_topk_prob)
         ctx.save_for_backward(logits, ids)
         ctx.norm = norm_topk_prob
         ctx.mark_non_differentiable(ids)
@@ -133,7 +139,9 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     check_route_inputs(router_logits, top_k)
     if router_logits.stride(1) != 1:
         router_logits = router_logits.contiguous()
-    return _Route.apply(router_logits, top_k, bool(norm_topk_prob))
+    if torch.is_grad_enabled() and router_logits.requires_grad:
+        return _Route.apply(router_logits, top_k, bool(norm_topk_prob))
+    return _route_forward(router_logits, top_k, bool(norm_topk_prob))  # no autograd node: less to launch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,28 +511,35 @@ def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=Fal
                           gather_a=gather_a)
 
 
+def _experts_forward(x, gate_up, down, weights, ids, training):
+    """The grouped forward: (out [N, D], and with `training` what the backward needs: the routing weights
+    flattened, the sort's order and ends, the pre-activations h; else None)."""
+    N, D = x.shape
+    E, I, k = gate_up.shape[0], down.shape[2], ids.shape[1]
+    M = N * k
+    order, ends = _sort_by_expert(ids, E)
+    w_flat = weights.reshape(-1)
+    act = x.new_empty(M, I)
+    h = x.new_empty(M, 2 * I) if training else None
+    gu = gate_up.stride()
+    _grouped_gemm(x, gate_up, order, ends, I, D, (gu[0], gu[1], gu[2]), act, top_k=k, gather_a=True,
+                  swiglu_up_offset=I * gu[1], h=h)
+    rows = x.new_empty(M, D)
+    dn = down.stride()
+    _grouped_gemm(act, down, order, ends, D, I, (dn[0], dn[1], dn[2]), rows, top_k=k, scatter=True,
+                  scale=w_flat)
+    return _slot_sum(rows, k), (w_flat, order, ends, h) if training else None
+
+
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate_up, down, weights, ids):
-        N, D = x.shape
-        E, I, k = gate_up.shape[0], down.shape[2], ids.shape[1]
-        M = N * k
-        order, ends = _sort_by_expert(ids, E)
-        w_flat = weights.reshape(-1)
         training = any(ctx.needs_input_grad[:4])
-        act = x.new_empty(M, I)
-        h = x.new_empty(M, 2 * I) if training else None
-        gu = gate_up.stride()
-        _grouped_gemm(x, gate_up, order, ends, I, D, (gu[0], gu[1], gu[2]), act, top_k=k, gather_a=True,
-                      swiglu_up_offset=I * gu[1], h=h)
-        rows = x.new_empty(M, D)
-        dn = down.stride()
-        _grouped_gemm(act, down, order, ends, D, I, (dn[0], dn[1], dn[2]), rows, top_k=k, scatter=True,
-                      scale=w_flat)
+        out, saved = _experts_forward(x, gate_up, down, weights, ids, training)
         if training:  # act is recomputed from h in the backward
-            ctx.save_for_backward(x, gate_up, down, w_flat, order, ends, h)
-            ctx.shape = (N, k, weights.dtype)
-        return _slot_sum(rows, k)
+            ctx.save_for_backward(x, gate_up, down, *saved)
+            ctx.shape = (x.shape[0], ids.shape[1], weights.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -643,6 +658,8 @@ def moe_experts(x, gate_up, down, weights, ids):
     # the context only where autocast is on (entering it costs the host more than a kernel launch)
     device = x.device.type
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-        if not needs_grad and x.shape[0] <= DECODE_MAX_TOKENS:
+        if needs_grad:
+            return _MoEExperts.apply(x, gate_up, down, weights, ids)
+        if x.shape[0] <= DECODE_MAX_TOKENS:
             return _moe_decode(x, gate_up, down, weights, ids)
-        return _MoEExperts.apply(x, gate_up, down, weights, ids)
+        return _experts_forward(x, gate_up, down, weights, ids, training=False)[0]  # no autograd node
