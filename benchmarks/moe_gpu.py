@@ -12,8 +12,8 @@
    twice and writes every weight gradient once, and does 3x the FLOPs.
    "ours torch" is the torch backend's sort-based `_grouped_mm` path run on the GPU, for comparison.
 4. Extras: CUDA-graph replay of our 1-token forward; the host time of each stage of our 8192-token
-   forward against its GPU time (graph replay) and where the GPU waits; a few tile configurations of our grouped kernels at
-   8192 tokens; a kernel-time breakdown of ours at 8192 tokens (torch profiler).
+   forward against its GPU time (graph replay) and where the GPU waits; a few tile configurations of our
+   grouped kernels at 8192 tokens; a kernel-time breakdown of ours at 8192 tokens (torch profiler).
 
     PYTHONUNBUFFERED=1 python benchmarks/moe_gpu.py [--out DIR] [--small]
 --small runs tiny shapes (also on the CPU under TRITON_INTERPRET=1) to check the script itself.
@@ -258,7 +258,10 @@ def graph_replay(block, config, shape, device, log):
 
 
 def sweep(shape, device, log, n=8192):
-    """Tile configurations of our grouped kernels at 8192 tokens, and torch._grouped_mm for the same GEMMs."""
+    """Tile configurations of our grouped kernels at 8192 tokens (TMA weights or pointers), the expert sort's
+    block and warps, and torch._grouped_mm for the same GEMMs."""
+    from triton.testing import do_bench
+
     from qwen3next.ops.moe import sort_by_expert
     from qwen3next.ops.triton import moe
 
@@ -272,8 +275,6 @@ def sweep(shape, device, log, n=8192):
     order, ends = moe._sort_by_expert(ids, E)
     act, h, rows = x.new_empty(M, I), x.new_empty(M, 2 * I), x.new_empty(M, D)
     gu, dn = gate_up.stride(), down.stride()
-    from triton.testing import do_bench
-
     order_ends = torch.empty(M, device=device, dtype=torch.int64), torch.empty(E, device=device, dtype=torch.int32)
     for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
         ms = do_bench(lambda: moe._sort_by_expert_kernel[(E,)](ids, *order_ends, M, BLOCK=block, num_warps=warps))
