@@ -41,10 +41,14 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..moe import _grouped_mm_takes, autocast_operands, check_moe_inputs, check_route_inputs, sort_by_expert
 from . import dot_precision
+
+try:  # host-side TMA descriptors: Triton 3.4 on (older Triton reads the weights by pointers)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 DECODE_MAX_TOKENS = 4  # at most this many tokens (and no gradient): the GEMV decode path
 
@@ -448,9 +452,10 @@ WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stage
 
 
 def _tma_loads(t: torch.Tensor) -> bool:
-    """Whether t is read through a TMA descriptor: on a Hopper-or-later GPU (or Triton's interpreter), with
-    the last dim contiguous and a 16-byte aligned start and strides (the bulk-copy rules)."""
-    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+    """Whether t is read through a TMA descriptor: with Triton 3.4 or later on a Hopper-or-later GPU (or in
+    Triton's interpreter), the last dim contiguous and a 16-byte aligned start and strides (the bulk-copy
+    rules)."""
+    if TensorDescriptor is None or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
         return False
     size = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
