@@ -191,6 +191,22 @@ def test_recurrent_reads_q_k_v_sliced_from_one_projection(T):
     assert rel(o, o_ref) < FWD_TOL and rel(pool, pool_ref) < FWD_TOL
 
 
+@pytest.mark.parametrize("B,T,block,at_least_one", [(2, 130, 64, False), (3, 64, 64, True), (1, 0, 64, True),
+                                                   (2, 0, 64, False)])
+def test_batch_block_layout_is_the_packed_one_and_kept(B, T, block, at_least_one):
+    """A [B, T] batch's block layout equals that of B packed sequences of T tokens, and the same shape on
+    the same device (and stream) gets the same layout back: built once for every layer of a forward."""
+    from qwen3next.ops.triton import blocks
+
+    device = torch.device(DEVICE)
+    batch = blocks(B, T, None, block, at_least_one, device)
+    packed = blocks(1, B * T, torch.arange(B + 1) * T, block, at_least_one, device)
+    assert batch.offsets == packed.offsets and (batch.N, batch.NB) == (packed.N, packed.NB)
+    for name in ("cu", "seq", "pos", "first"):
+        assert torch.equal(getattr(batch, name), getattr(packed, name)), name
+    assert blocks(B, T, None, block, at_least_one, device) is batch
+
+
 def test_bad_inputs_get_clear_errors():
     q, k, v, g, beta = gdn_inputs(4, 1, 1, 16, 16, 1, False, seed=0)
     with pytest.raises(TypeError, match="share one dtype"):

@@ -9,6 +9,7 @@ Import these through `qwen3next.ops`, which picks the backend; this package need
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,12 @@ import torch
 @dataclass(frozen=True)
 class Blocks:
     """Where the sequences and their `block`-token blocks lie in the packed token row that the kernels see:
-    cu [N+1] int32 (sequence offsets, on the device), offsets (the same as a Python list), seq and pos [NB]
+    cu [N+1] int32 (sequence offsets, on the device), offsets (the same on the host), seq and pos [NB]
     int32 (each block's sequence and index within it, sequence by sequence), first [N+1] int32 (the first
-    block of each sequence: cumulative counts), N and NB."""
+    block of each sequence: cumulative counts), N and NB. Read-only: a [B, T] batch's may be shared."""
 
     cu: torch.Tensor
-    offsets: list[int]
+    offsets: tuple[int, ...]
     seq: torch.Tensor
     pos: torch.Tensor
     first: torch.Tensor
@@ -32,15 +33,18 @@ class Blocks:
 
 def blocks(B: int, T: int, cu_seqlens: torch.Tensor | None, block: int, at_least_one: bool, device) -> Blocks:
     """`Blocks` of a [B, T, ...] batch (row b is sequence b: built on the device, no host round trip before the
-    launches) or of the sequences that `cu_seqlens` packs into one row (from their offsets on the host). With
-    `at_least_one`, an empty sequence gets one (empty) block, so a kernel still visits it."""
+    launches, and kept for the next call of the same shape: every layer of a forward asks for the same) or of
+    the sequences that `cu_seqlens` packs into one row (from their offsets on the host). With `at_least_one`,
+    an empty sequence gets one (empty) block, so a kernel still visits it."""
     if cu_seqlens is None:
-        per = max(-(-T // block), 1 if at_least_one else 0)
-        rows = torch.arange(B + 1, device=device, dtype=torch.int32)
-        ids = torch.arange(B * per, device=device, dtype=torch.int32)
-        return Blocks(rows * T, [b * T for b in range(B + 1)], ids // max(per, 1), ids % max(per, 1), rows * per,
-                      B, B * per)
-    offsets = cu_seqlens.tolist()
+        device = torch.device(device)
+        if device.type != "cuda":
+            return _cached_batch_blocks(B, T, block, at_least_one, device, 0)
+        if torch.cuda.is_current_stream_capturing():
+            return _batch_blocks(B, T, block, at_least_one, device)  # a graph's own tensors, filled at replay
+        stream = torch.cuda.current_stream(device).stream_id
+        return _cached_batch_blocks(B, T, block, at_least_one, device, stream)
+    offsets = tuple(cu_seqlens.tolist())
     counts = [-(-(end - start) // block) for start, end in zip(offsets[:-1], offsets[1:])]
     if at_least_one:
         counts = [max(c, 1) for c in counts]
@@ -52,6 +56,21 @@ def blocks(B: int, T: int, cu_seqlens: torch.Tensor | None, block: int, at_least
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
     return Blocks(cu_seqlens.to(device=device, dtype=torch.int32), offsets, as_tensor(seq), as_tensor(pos),
                   as_tensor(first), len(counts), len(seq))
+
+
+def _batch_blocks(B: int, T: int, block: int, at_least_one: bool, device: torch.device) -> Blocks:
+    per = max(-(-T // block), 1 if at_least_one else 0)
+    rows = torch.arange(B + 1, device=device, dtype=torch.int32)
+    ids = torch.arange(B * per, device=device, dtype=torch.int32)
+    return Blocks(rows * T, tuple(b * T for b in range(B + 1)), ids // max(per, 1), ids % max(per, 1), rows * per,
+                  B, B * per)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_batch_blocks(B: int, T: int, block: int, at_least_one: bool, device: torch.device, stream: int) -> Blocks:
+    """`_batch_blocks`, kept per stream: the kernels that read it later on that stream run after those that
+    built it."""
+    return _batch_blocks(B, T, block, at_least_one, device)
 
 
 def num_sms(device: torch.device) -> int:
