@@ -59,6 +59,7 @@ def blocks(B: int, T: int, cu_seqlens: torch.Tensor | None, block: int, at_least
 
 
 def _batch_blocks(B: int, T: int, block: int, at_least_one: bool, device: torch.device) -> Blocks:
+    """`blocks` of a [B, T] batch, built on the device (row b is sequence b)."""
     per = max(-(-T // block), 1 if at_least_one else 0)
     rows = torch.arange(B + 1, device=device, dtype=torch.int32)
     ids = torch.arange(B * per, device=device, dtype=torch.int32)
