@@ -19,9 +19,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 import traceback
 
 import torch
@@ -40,7 +38,7 @@ from qwen3next.ops.triton import conv as tconv  # noqa: E402
 from qwen3next.ops.triton import blocks  # noqa: E402
 from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
 from qwen3next.ops.triton import norms as tnorms  # noqa: E402
-from timing import gpu_idle, kernel_profile  # noqa: E402
+from timing import gpu_idle, host_ms, kernel_profile  # noqa: E402
 
 HK, HV, D = 16, 32, 128
 SHAPES = [(1, 4096), (1, 16384), (4, 8192), (8, 8192), (1, 65536)]
@@ -313,13 +311,7 @@ def profile_fwd_bwd():
             torch.autograd.grad(o, ins, do)
 
         kernel_profile(fwd_bwd, torch.device("cuda"), f"fwd+bwd {B}x{T}", lambda m: print(m, flush=True), top=12)
-        issue = []
-        for _ in range(7):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fwd_bwd()
-            issue.append((time.perf_counter() - t0) * 1e3)
-        print(f"host: fwd+bwd {B}x{T} takes {statistics.median(issue):.3f} ms to issue", flush=True)
+        print(f"host: fwd+bwd {B}x{T} takes {host_ms(fwd_bwd, reps=7, warm=0):.3f} ms to issue", flush=True)
         gpu_idle(fwd_bwd, torch.device("cuda"), f"fwd+bwd {B}x{T}", lambda m: print(m, flush=True))
         del ins, do
         torch.cuda.empty_cache()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from qwen3next import ops
 from qwen3next.ops.moe import moe_experts_grouped, moe_experts_ref, route_ref
-from timing import gpu_idle, time_once
+from timing import capture_graph, gpu_idle, host_ms, time_once
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
@@ -244,14 +244,7 @@ def graph_replay(block, config, shape, device, log):
                       ("hf grouped_mm", theirs("grouped_mm"))):
         try:
             with torch.no_grad():
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    fn(x)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fn(x)
+                graph = capture_graph(lambda fn=fn: fn(x))
             log(f"1 token fwd, CUDA graph replay: {label} {timer(graph.replay, device):.4f} ms")
         except Exception as exc:
             log(f"1 token fwd, CUDA graph: {label} failed: {type(exc).__name__}: {str(exc)[:200]}")
@@ -281,9 +274,7 @@ def sweep(shape, device, log, n=8192):
         log(f"sort kernel, {M} pairs, block {block}, {warps} warps: {ms:.3f} ms GPU (back-to-back launches)")
     log(f"sort kernel as run: {do_bench(lambda: moe._sort_by_expert(ids, E)):.3f}, torch.sort path "
         f"{do_bench(lambda: sort_by_expert(ids, E)):.3f} ms GPU (back-to-back)")
-    log(f"sort: triton {timer(lambda: moe._sort_by_expert(ids, E), device):.3f} ms, "
-        f"torch {timer(lambda: sort_by_expert(ids, E), device):.3f} ms; "
-        f"k-sum torch {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms, "
+    log(f"k-sum torch {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms, "
         f"ours {timer(lambda: moe._slot_sum(rows, k), device):.3f} ms")
     cfg = lambda bm, bn, bk, w, s, tails=0, desc=True: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,  # noqa: E731
                                                              num_warps=w, num_stages=s, SHORT_TAILS=tails, B_DESC=desc)
@@ -384,22 +375,8 @@ def host_costs(block, shape, device, log, n=8192):
             "whole forward": lambda: fwd(x),
         }
         for name, fn in stages.items():
-            times = []
-            for _ in range(12):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            log(f"host: {name}: {statistics.median(times[2:]):.3f} ms to issue")
-        torch.cuda.synchronize()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fwd(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fwd(x)
+            log(f"host: {name}: {host_ms(fn):.3f} ms to issue")
+        graph = capture_graph(lambda: fwd(x))
         log(f"{n} tokens fwd: eager {timer(lambda: fwd(x), device):.3f} ms, "
             f"CUDA graph replay {timer(graph.replay, device):.3f} ms (GPU time)")
     xg, dout = x.clone().requires_grad_(True), torch.randn_like(x)

@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: the time of one call, by CUDA events on a GPU; waiting for the device."""
 
+import statistics
 import time
 
 import torch
@@ -23,6 +24,32 @@ def time_once(fn, device) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+def host_ms(fn, reps=12, warm=2) -> float:
+    """Median host milliseconds to issue fn() (CUDA: the queue drained before each call, so nothing waits)."""
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[warm:])
+
+
+def capture_graph(fn) -> "torch.cuda.CUDAGraph":
+    """fn() captured in a CUDA graph, after one warm-up call on a side stream (compiles kernels, creates
+    handles: none of it in the graph)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def kernel_profile(fn, device, what, log, reps=3, top=18):

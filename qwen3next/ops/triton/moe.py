@@ -37,6 +37,7 @@ inputs' dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -451,11 +452,17 @@ def _gemm_config(rows: int, experts: int, swiglu: bool, element_size: int) -> di
 WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, BLOCK_R=32, num_warps=4, num_stages=3)
 
 
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Whether `device` has Hopper's bulk copies (capability 9 or later); Triton's interpreter does too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _tma_loads(t: torch.Tensor) -> bool:
     """Whether t is read through a TMA descriptor: with Triton 3.4 or later on a Hopper-or-later GPU (or in
     Triton's interpreter), the last dim contiguous and a 16-byte aligned start and strides (the bulk-copy
     rules)."""
-    if TensorDescriptor is None or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
+    if TensorDescriptor is None or not _has_tma(t.device):
         return False
     size = t.element_size()
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
