@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of the kernel, inference and scale-out issues, step by step, for one device
 # call (10 minutes at most: name the steps that fit). Each step's output goes to $OUT/<step>.log; its exit
-# status and last lines are printed. Wheels in .whl/ (fla-core, einops: carry them) are installed first.
+# status and last lines are printed. Wheels in .whl/ (fla-core, einops, pytest-xdist, execnet: carry them) are
+# installed first.
 #
 #   bash benchmarks/gpu_all.sh tests                    # about 6 minutes on an H100 (120 tests)
 #   bash benchmarks/gpu_all.sh moe e2e dims1            # about 9 minutes
@@ -20,6 +21,8 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 STDLIB=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+# the tests in four processes where pytest-xdist is there (carry its wheels): most of their time is compiling
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
 
 run() {  # run NAME SECONDS COMMAND...
     local name=$1 limit=$2
@@ -32,7 +35,7 @@ run() {  # run NAME SECONDS COMMAND...
 
 for step in "$@"; do
     case $step in
-        tests) run tests 570 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE --durations=8 tests/test_triton_gdn.py \
+        tests) run tests 570 python3 -m pytest -q -p no:cacheprovider --tb=short -rfE --durations=8 $XDIST tests/test_triton_gdn.py \
                    tests/test_moe_ops.py tests/test_fused_ops.py tests/test_decode.py ;;
         train) run train 120 python3 -m qwen3next train "$STDLIB/json" "$STDLIB/email" "$STDLIB/asyncio" \
                    --config tiny --device cuda --steps 60 --warmup 10 --seq-len 512 --batch-size 16 \

@@ -137,6 +137,33 @@ def test_triton_grouped_weight_descriptors(monkeypatch, D, I):
     _assert_close_to_reference(moe.moe_experts, args)
 
 
+@pytest.mark.parametrize("gather", ["g", "a"])
+def test_triton_weight_gradient_kernel(gather):
+    """Our grouped weight-gradient kernel (on CUDA the backward prefers torch._grouped_mm, so it is called
+    directly here) with a gathered G or A operand, output tails in both dims (24 and 40 against 16-wide
+    tiles) and experts without rows (zeros): against the per-expert sums of outer products."""
+    moe = _triton_moe()
+    N, k, E, n_out, K = 23, 3, 6, 24, 40
+    g = torch.Generator().manual_seed(7)
+    ids = torch.tensor([0, 1, 2, 4, 5])[torch.randint(0, 5, (N, k), generator=g)].to(DEVICE)  # expert 3 gets none
+    order, ends = sort_by_expert(ids, E)
+    rows = N * k
+    G = torch.randn(N if gather == "g" else rows, n_out, generator=g).to(DEVICE)
+    A = torch.randn(N if gather == "a" else rows, K, generator=g).to(DEVICE)
+    config = dict(BLOCK_N=16, BLOCK_K=16, BLOCK_R=16, num_warps=4, num_stages=2)
+    got = moe._grouped_wgrad(G, A, order, ends, torch.full((E, n_out, K), float("nan"), device=DEVICE), top_k=k,
+                             gather_g=gather == "g", gather_a=gather == "a", config=config)
+    token = order // k
+    Gs, As = (G[token], A) if gather == "g" else (G, A[token])
+    want = torch.zeros(E, n_out, K, device=DEVICE)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        want[e] = Gs[start:end].t() @ As[start:end]
+        start = end
+    assert (ends.diff() == 0).any() and not got.isnan().any()
+    assert rel_err(got, want) < FP32_TOL
+
+
 @pytest.mark.parametrize("path", ["torch", "triton"])
 def test_autocast_runs_the_experts_in_its_dtype(path):
     """Under autocast fp32 x and experts are multiplied in autocast's dtype (as its matmuls are), the result
