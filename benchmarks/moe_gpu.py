@@ -438,6 +438,12 @@ def host_costs(block, shape, device, log, n=8192):
 
         log(f"{n} tokens, {label}: fwd {t_fwd:.3f} ms, fwd+bwd {timer(step, device):.3f} ms")
     moe.SORT_KERNEL_MAX_PAIRS = cap
+    log(f"host: {n} tokens fwd+bwd: {host_ms(as_run_step):.3f} ms to issue")
+    try:  # the same work's GPU time: gradients by autograd.grad (no .grad state), replayed from a graph
+        graph = capture_graph(lambda: torch.autograd.grad(fwd(xg), params, dout))
+        log(f"{n} tokens fwd+bwd: CUDA graph replay {timer(graph.replay, device):.3f} ms (GPU time)")
+    except Exception as exc:
+        log(f"{n} tokens fwd+bwd: no CUDA graph ({type(exc).__name__}: {str(exc)[:200]})")
     with torch.no_grad():
         gpu_idle(lambda: fwd(x), device, f"{n} tokens fwd", log)
     gpu_idle(as_run_step, device, f"{n} tokens fwd+bwd", log)

@@ -1,8 +1,8 @@
 """Triton element-wise epilogues: one launch each for what the references in `qwen3next.ops.fused` do in
-several. Same contracts; inference only: under autograd (an input that requires grad) and for fp64 they
-run the reference (`rms_norm_rotary`: the Triton RMSNorm, then the reference rotation). Arithmetic is fp32
-with one final rounding, so results differ from the references (which round after each op in low
-precision) by at most the output's rounding.
+several. Same contracts; inference only except `sigmoid_gate` (which has a backward kernel): under autograd
+(an input that requires grad) and for fp64 they run the reference (`rms_norm_rotary`: the Triton RMSNorm,
+then the reference rotation). Arithmetic is fp32 with one final rounding, so results differ from the
+references (which round after each op in low precision) by at most the output's rounding.
 """
 
 from __future__ import annotations
@@ -132,24 +132,86 @@ def _sigmoid_gate_kernel(x, gate, res, out, D, gate_stride, BLOCK: tl.constexpr,
     tl.store(out + row * D + cols, o.to(out.dtype.element_ty), mask=mask)
 
 
-def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton `sigmoid_gate_ref`: x * sigmoid(gate) (+ residual), one launch."""
+@triton.jit
+def _sigmoid_gate_bwd_kernel(dout, x, gate, dx, dgate, D, gate_stride, BLOCK: tl.constexpr, BCAST: tl.constexpr):
+    """With s = sigmoid(gate): dx = dout * s, dgate = dout * x * s (1 - s); BCAST (one gate per row): dgate is
+    that summed over the row, which one program walks in BLOCK-wide steps."""
+    row = tl.program_id(0).to(tl.int64)
+    if BCAST:
+        s = tl.sigmoid(tl.load(gate + row * gate_stride).to(tl.float32))
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, D, BLOCK):
+            cols = c0 + tl.arange(0, BLOCK)
+            mask = cols < D
+            do = tl.load(dout + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx + row * D + cols, (do * s).to(dx.dtype.element_ty), mask=mask)
+            acc += do * tl.load(x + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dgate + row, (tl.sum(acc, 0) * s * (1.0 - s)).to(dgate.dtype.element_ty))
+    else:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < D
+        s = tl.sigmoid(tl.load(gate + row * gate_stride + cols, mask=mask, other=0.0).to(tl.float32))
+        do = tl.load(dout + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        xv = tl.load(x + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx + row * D + cols, (do * s).to(dx.dtype.element_ty), mask=mask)
+        tl.store(dgate + row * D + cols, (do * xv * s * (1.0 - s)).to(dgate.dtype.element_ty), mask=mask)
+
+
+def _gate_block(D: int) -> int:
+    return min(1024, triton.next_power_of_2(D))
+
+
+def _sigmoid_gate_forward(x, gate, residual):
+    """The forward launch: (out [rows, D], x and gate as the [rows, *] views the kernels read)."""
     D = x.shape[-1]
-    if gate.shape not in (x.shape, (*x.shape[:-1], 1)) or (residual is not None and residual.shape != x.shape):
-        raise ValueError(f"gate must be like x {tuple(x.shape)} or [..., 1], residual like x; got "
-                         f"{tuple(gate.shape)}, {None if residual is None else tuple(residual.shape)}")
-    if _reference_needed(x, gate, residual):
-        return sigmoid_gate_ref(x, gate, residual)
     xr = x.contiguous().view(-1, D)
     gr = _row_view(gate, gate.shape[-1])  # attention's gate: a view of q_proj's output
     rr = residual.contiguous().view(-1, D) if residual is not None else xr
     out = torch.empty_like(xr)
-    block = min(1024, triton.next_power_of_2(D))
     if xr.shape[0]:
+        block = _gate_block(D)
         _sigmoid_gate_kernel[(xr.shape[0], triton.cdiv(D, block))](
             xr, gr, rr, out, D, gr.stride(0), BLOCK=block, BCAST=gr.shape[1] == 1 and D > 1,
             HAS_RES=residual is not None, num_warps=4)
-    return out.view(x.shape)
+    return out, xr, gr
+
+
+class _SigmoidGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, residual):
+        out, xr, gr = _sigmoid_gate_forward(x, gate, residual)
+        ctx.save_for_backward(xr, gr)
+        ctx.shapes = (x.shape, gate.shape)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        xr, gr = ctx.saved_tensors
+        x_shape, gate_shape = ctx.shapes
+        D = xr.shape[1]
+        do = dout.contiguous().view(-1, D)
+        dx, dgate = torch.empty_like(xr), torch.empty(gr.shape, dtype=gr.dtype, device=gr.device)
+        bcast = gr.shape[1] == 1 and D > 1
+        if xr.shape[0]:
+            block = _gate_block(D)
+            _sigmoid_gate_bwd_kernel[(xr.shape[0], 1 if bcast else triton.cdiv(D, block))](
+                do, xr, gr, dx, dgate, D, gr.stride(0), BLOCK=block, BCAST=bcast, num_warps=4)
+        dres = dout if ctx.needs_input_grad[2] else None
+        return dx.view(x_shape), dgate.view(gate_shape), dres
+
+
+def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton `sigmoid_gate_ref`: x * sigmoid(gate) (+ residual), one launch; differentiable (one launch back)
+    where x, gate and residual share a dtype, else (and for fp64) the reference."""
+    if gate.shape not in (x.shape, (*x.shape[:-1], 1)) or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"gate must be like x {tuple(x.shape)} or [..., 1], residual like x; got "
+                         f"{tuple(gate.shape)}, {None if residual is None else tuple(residual.shape)}")
+    dtypes = {x.dtype, gate.dtype} | ({residual.dtype} if residual is not None else set())
+    if torch.float64 in dtypes or len(dtypes) > 1:
+        return sigmoid_gate_ref(x, gate, residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, gate, residual)):
+        return _SigmoidGate.apply(x, gate, residual)
+    return _sigmoid_gate_forward(x, gate, residual)[0].view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------------- norm + rotary

@@ -504,8 +504,9 @@ def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=Fal
     return dw
 
 
-def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=False):
-    """dW [E, N_OUT, K] = sum over expert e's rows of G[r]^T A[r] (rows as in `_grouped_wgrad_kernel`).
+def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=False, token=None):
+    """dW [E, N_OUT, K] = sum over expert e's rows of G[r]^T A[r] (rows as in `_grouped_wgrad_kernel`; token:
+    order // top_k, the gathered rows, if the caller has it).
 
     On CUDA where `torch._grouped_mm` takes the operands, the rows are gathered and one grouped product
     (CUTLASS, empty groups give zeros in this layout) does it: 1.61 and 0.93 ms with the gathers against our
@@ -513,7 +514,7 @@ def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=Fal
     Else our kernel.
     """
     if g.is_cuda and ends.shape[0] < 1024 and _grouped_mm_takes(g, a):  # its CUDA kernel takes < 1024 groups
-        token = order // top_k
+        token = order // top_k if token is None else token
         if gather_g:
             g = g[token]
         if gather_a:
@@ -581,10 +582,11 @@ class _MoEExperts(torch.autograd.Function):
             rows = _grouped_gemm(dh, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), x.new_empty(M, D),
                                  top_k=k, scatter=True)
             dx = _slot_sum(rows, k)
+        token = order // k if need_gu and need_dn else None  # both weight gradients gather by it
         if need_gu:
-            dgu = _weight_grad(dh, x, order, ends, gate_up, top_k=k, gather_a=True)
+            dgu = _weight_grad(dh, x, order, ends, gate_up, top_k=k, gather_a=True, token=token)
         if need_dn:
-            ddn = _weight_grad(dout, act_w, order, ends, down, top_k=k, gather_g=True)
+            ddn = _weight_grad(dout, act_w, order, ends, down, top_k=k, gather_g=True, token=token)
         return dx, dgu, ddn, dw, None
 
 
