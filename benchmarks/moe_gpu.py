@@ -318,6 +318,21 @@ def sweep(shape, device, log, n=8192):
             log(f"gemm {c}: down {t_dn:.3f}, dx {t_dx:.3f}, dact {t_da:.3f} ms")
         except Exception as exc:
             log(f"gemm {c}: {type(exc).__name__}: {str(exc)[:300]}")
+    # tile efficiency: routings (8 slots a token) that give every expert exactly 128 rows (full tiles, no
+    # tails) or exactly 160 (one full tile and a quarter-height tail each), against the random routing above
+    for rows_per in (128, 160):
+        k8, m_e = 8, E * rows_per
+        ids_even = (torch.arange(m_e, device=device) % E).view(m_e // k8, k8)
+        o_e, e_e = moe._sort_by_expert(ids_even, E)
+        x_e = x.new_empty(m_e // k8, D).normal_()
+        act_e, rows_e = x.new_empty(m_e, I), x.new_empty(m_e, D)
+        t_gu = timer(lambda: moe._grouped_gemm(x_e, gate_up, o_e, e_e, I, D, gu, act_e, top_k=k8, gather_a=True,
+                                               swiglu_up_offset=I * gu[1]), device)
+        t_dn = timer(lambda: moe._grouped_gemm(act_e, down, o_e, e_e, D, I, dn, rows_e, top_k=k8, scatter=True,
+                                               scale=torch.ones(m_e, device=device)), device)
+        log(f"tiles, {rows_per} rows per expert ({m_e} rows): gate/up {t_gu:.3f} ms "
+            f"({2 * m_e * D * 2 * I / t_gu / 1e9:.0f} TFLOP/s), down {t_dn:.3f} ms "
+            f"({2 * m_e * D * I / t_dn / 1e9:.0f} TFLOP/s)")
     dgu, ddn = torch.empty_like(gate_up), torch.empty_like(down)
     wc = lambda bn, bk, br, w, s: dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=s)  # noqa
     for c in [wc(128, 128, 32, 4, 3), wc(128, 128, 32, 4, 4), wc(64, 256, 32, 4, 3)]:
