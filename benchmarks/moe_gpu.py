@@ -4,9 +4,9 @@
    against the fp32 references `route_ref` / `moe_experts_ref` on the same (bf16-rounded) values,
    by ||ours - ref|| / ||ref||, on the grouped path (8192, 300 and 16 tokens) and the decode path (1, 3 tokens).
 2. Ceilings measured here: dense bf16 matmul rate and device-to-device copy bandwidth.
-3. Times (median of CUDA-event timings, in interleaved rounds) of the whole block (router, routed experts, gated shared expert)
-   for ours and transformers' experts implementations eager / grouped_mm / batched_mm, at 1, 64, 1024,
-   8192 tokens, forward (no grad) and forward+backward, with the floor beside each:
+3. Times (median of CUDA-event timings, in interleaved rounds) of the whole block (router, routed experts,
+   gated shared expert) for ours and transformers' experts implementations eager / grouped_mm / batched_mm,
+   at 1, 64, 1024, 8192 tokens, forward (no grad) and forward+backward, with the floor beside each:
    floor = max(FLOPs / matmul rate, bytes / copy bandwidth), bytes = the expected distinct experts'
    weights (uniform routing) + shared expert + router + activations; forward+backward reads the weights
    twice and writes every weight gradient once, and does 3x the FLOPs.

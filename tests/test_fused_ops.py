@@ -155,7 +155,8 @@ def test_rms_norm_rotary_kernel(dtype, B, T, H, hd, r):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,bcast,residual,strided", [((2, 3, 96), False, False, True), ((5, 2100), True, True, False),
+@pytest.mark.parametrize("shape,bcast,residual,strided", [((2, 3, 96), False, False, True),
+                                                          ((5, 2100), True, True, False),
                                                           ((1, 1, 33), False, True, False), ((7, 1), True, False, False)])
 def test_sigmoid_gate_gradients(dtype, shape, bcast, residual, strided):
     """The backward kernel against autograd through the reference: x, the gate (one per row, summed over a
