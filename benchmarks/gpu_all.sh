@@ -4,7 +4,7 @@
 # status and last lines are printed. Wheels in .whl/ (fla-core, einops, pytest-xdist, execnet: carry them) are
 # installed first.
 #
-#   bash benchmarks/gpu_all.sh tests                    # about 6 minutes on an H100 (120 tests)
+#   bash benchmarks/gpu_all.sh tests                    # about 4 minutes on an H200 with xdist (162 tests)
 #   bash benchmarks/gpu_all.sh moe e2e dims1            # about 9 minutes
 #   bash benchmarks/gpu_all.sh multi-parity multi-80b    # on nvidia-h200-x2: about 5 minutes (parity ~230 s)
 #   bash benchmarks/gpu_all.sh multi-scaling multi-long  # about 4 minutes
