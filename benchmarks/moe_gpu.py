@@ -197,21 +197,19 @@ def bench(shape, device, tokens, peak, bw, log):
             for label, fn in impls:
                 if label == "hf eager" and n >= 1024 and backward:
                     cells[label] = None  # seconds per call: left out to save device time
-                elif backward:
+                    continue
+                if backward:
                     xg = x.clone().requires_grad_(True)
 
                     def step(fn=fn, xg=xg):
                         fn(xg).backward(dout)
                         for p in params + [xg]:
                             p.grad = None
-
-                    steps[label] = step
                 else:
                     def step(fn=fn):
                         with torch.no_grad():
                             fn(x)
-
-                    steps[label] = step
+                steps[label] = step
             # interleaved rounds, the median of each implementation's round medians: a slow peer's calls (up
             # to 185 ms each) may leave the GPU (clocks, allocator) in another state for what runs right after
             # them (session 9: ours read 0.3 ms slower there than minutes later), so no one always follows them
@@ -325,11 +323,11 @@ def sweep(shape, device, log, n=8192):
         ids_even = (torch.arange(m_e, device=device) % E).view(m_e // k8, k8)
         o_e, e_e = moe._sort_by_expert(ids_even, E)
         x_e = x.new_empty(m_e // k8, D).normal_()
-        act_e, rows_e = x.new_empty(m_e, I), x.new_empty(m_e, D)
+        act_e, rows_e, ones = x.new_empty(m_e, I), x.new_empty(m_e, D), torch.ones(m_e, device=device)
         t_gu = timer(lambda: moe._grouped_gemm(x_e, gate_up, o_e, e_e, I, D, gu, act_e, top_k=k8, gather_a=True,
                                                swiglu_up_offset=I * gu[1]), device)
         t_dn = timer(lambda: moe._grouped_gemm(act_e, down, o_e, e_e, D, I, dn, rows_e, top_k=k8, scatter=True,
-                                               scale=torch.ones(m_e, device=device)), device)
+                                               scale=ones), device)
         log(f"tiles, {rows_per} rows per expert ({m_e} rows): gate/up {t_gu:.3f} ms "
             f"({2 * m_e * D * 2 * I / t_gu / 1e9:.0f} TFLOP/s), down {t_dn:.3f} ms "
             f"({2 * m_e * D * I / t_dn / 1e9:.0f} TFLOP/s)")

@@ -157,8 +157,11 @@ def _sigmoid_gate_bwd_kernel(dout, x, gate, dx, dgate, D, gate_stride, BLOCK: tl
         tl.store(dgate + row * D + cols, (do * xv * s * (1.0 - s)).to(dgate.dtype.element_ty), mask=mask)
 
 
-def _gate_block(D: int) -> int:
-    return min(1024, triton.next_power_of_2(D))
+def _gate_launch(rows: torch.Tensor, gate: torch.Tensor) -> tuple[int, bool]:
+    """(BLOCK, BCAST) of the gate kernels for x rows [N, D] and gate rows [N, D or 1]: BCAST when one gate
+    serves a row of more than one column."""
+    D = rows.shape[1]
+    return min(1024, triton.next_power_of_2(D)), gate.shape[1] == 1 and D > 1
 
 
 def _sigmoid_gate_forward(x, gate, residual):
@@ -169,10 +172,9 @@ def _sigmoid_gate_forward(x, gate, residual):
     rr = residual.contiguous().view(-1, D) if residual is not None else xr
     out = torch.empty_like(xr)
     if xr.shape[0]:
-        block = _gate_block(D)
+        block, bcast = _gate_launch(xr, gr)
         _sigmoid_gate_kernel[(xr.shape[0], triton.cdiv(D, block))](
-            xr, gr, rr, out, D, gr.stride(0), BLOCK=block, BCAST=gr.shape[1] == 1 and D > 1,
-            HAS_RES=residual is not None, num_warps=4)
+            xr, gr, rr, out, D, gr.stride(0), BLOCK=block, BCAST=bcast, HAS_RES=residual is not None, num_warps=4)
     return out, xr, gr
 
 
@@ -191,9 +193,8 @@ class _SigmoidGate(torch.autograd.Function):
         D = xr.shape[1]
         do = dout.contiguous().view(-1, D)
         dx, dgate = torch.empty_like(xr), torch.empty(gr.shape, dtype=gr.dtype, device=gr.device)
-        bcast = gr.shape[1] == 1 and D > 1
         if xr.shape[0]:
-            block = _gate_block(D)
+            block, bcast = _gate_launch(xr, gr)
             _sigmoid_gate_bwd_kernel[(xr.shape[0], 1 if bcast else triton.cdiv(D, block))](
                 do, xr, gr, dx, dgate, D, gr.stride(0), BLOCK=block, BCAST=bcast, num_warps=4)
         dres = dout if ctx.needs_input_grad[2] else None
