@@ -115,18 +115,10 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, D, bias=False)
 
     def split_projections(self, qkvz: torch.Tensor):
-        """Undo the per-key-head grouping of the fused projection qkvz [B, T, Hk * (2 dk + 2 r dv)] (r = Hv / Hk;
-        key head h holds its q [dk], k [dk], v [r dv], z [r dv]) -> (the conv's input [B, T, 2 Hk dk + Hv dv]:
-        all q, then all k, then all v channels; z [B, T, Hv, dv]).
+        """The fused projection qkvz [B, T, Hk * (2 dk + 2 r dv)] (grouped per key head) -> (the conv's input
+        [B, T, 2 Hk dk + Hv dv]: all q, then all k, then all v channels; z [B, T, Hv, dv]): `ops.split_qkvz`.
         (in_proj_ba's output goes to `gates`.)"""
-        B, T, _ = qkvz.shape
-        r = self.num_v_heads // self.num_k_heads
-        dk, dv = self.head_k_dim, self.head_v_dim
-        q, k, v, z = qkvz.view(B, T, self.num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
-        mixed = qkvz.new_empty(B, T, self.conv_dim)
-        for part, start in ((q, 0), (k, self.key_dim), (v, 2 * self.key_dim)):  # one strided copy each
-            mixed[..., start:start + part.shape[-2] * part.shape[-1]].view(part.shape).copy_(part)
-        return mixed, z.reshape(B, T, self.num_v_heads, dv)
+        return self.ops.split_qkvz(qkvz, self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
 
     def split_mixed(self, mixed: torch.Tensor):
         """The conv output [B, T, 2 Hk dk + Hv dv] -> q, k [B, T, Hk, dk], v [B, T, Hv, dv]."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from qwen3next.ops.fused import add_rms_norm_ref, gdn_gates_ref, rms_norm_rotary_ref, sigmoid_gate_ref
+from qwen3next.ops.fused import add_rms_norm_ref, gdn_gates_ref, rms_norm_rotary_ref, sigmoid_gate_ref, split_qkvz_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -36,6 +36,47 @@ def _gates_inputs(lead, Hk, r, dtype, seed=0):
     A_log = torch.empty(Hv).uniform_(0.01, 16, generator=g).log().to(DEVICE)
     dt_bias = torch.randn(Hv, generator=g).to(DEVICE)
     return ba, A_log, dt_bias
+
+
+@pytest.mark.parametrize("Hk,r,dk,dv", [(2, 2, 3, 5), (3, 1, 4, 4)])
+def test_split_qkvz_reference_picks_each_heads_columns(Hk, r, dk, dv):
+    W = 2 * dk + 2 * r * dv
+    qkvz = torch.randn(2, 3, Hk * W, dtype=torch.float64)
+    mixed, z = split_qkvz_ref(qkvz, Hk, Hk * r, dk, dv)
+    key_dim = Hk * dk
+    assert mixed.shape == (2, 3, 2 * key_dim + Hk * r * dv) and z.shape == (2, 3, Hk * r, dv)
+    for h in range(Hk):
+        grp = qkvz[..., h * W:(h + 1) * W]
+        assert torch.equal(mixed[..., h * dk:(h + 1) * dk], grp[..., :dk])
+        assert torch.equal(mixed[..., key_dim + h * dk:key_dim + (h + 1) * dk], grp[..., dk:2 * dk])
+        v0 = 2 * key_dim + h * r * dv
+        assert torch.equal(mixed[..., v0:v0 + r * dv], grp[..., 2 * dk:2 * dk + r * dv])
+        assert torch.equal(z[..., h * r:(h + 1) * r, :].flatten(-2), grp[..., 2 * dk + r * dv:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,Hk,r,dk,dv,strided", [((1, 37), 2, 2, 16, 16, False), ((3, 5), 3, 1, 8, 24, True),
+                                                     ((1,), 4, 2, 32, 16, False)])
+def test_split_qkvz_kernel_and_gradient(dtype, lead, Hk, r, dk, dv, strided):
+    """The split kernel (one read of each group, rows of a strided view too) and its backward against the
+    reference and autograd through it: exact, as both only move elements."""
+    fused = _triton()
+    W = Hk * (2 * dk + 2 * r * dv)
+    g = torch.Generator().manual_seed(W)
+    full = torch.randn(*lead, 2 * W if strided else W, generator=g).to(DEVICE, dtype)
+    qkvz = full[..., W:] if strided else full
+    dmixed = torch.randn(*lead, Hk * (2 * dk + r * dv), generator=g).to(DEVICE, dtype)
+    dz = torch.randn(*lead, Hk * r, dv, generator=g).to(DEVICE, dtype)
+    with torch.no_grad():
+        plain = fused.split_qkvz(qkvz, Hk, Hk * r, dk, dv)
+    results = []
+    for fn in (fused.split_qkvz, split_qkvz_ref):
+        leaf = qkvz.detach().clone().requires_grad_(True)
+        mixed, z = fn(leaf, Hk, Hk * r, dk, dv)
+        results.append([mixed.detach(), z.detach(), *torch.autograd.grad((mixed, z), leaf, (dmixed, dz))])
+    for got, ungraded, want in zip(results[0], plain + (None,), results[1]):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+        assert ungraded is None or torch.equal(ungraded, want)
 
 
 @pytest.mark.parametrize("Hk,r", [(2, 2), (3, 1), (1, 5)])
@@ -191,6 +232,10 @@ def test_kernels_defer_to_the_reference_under_autograd():
 
 def test_bad_inputs():
     fused = _triton()
+    with pytest.raises(ValueError, match="qkvz must be"):
+        fused.split_qkvz(torch.randn(2, 23, device=DEVICE), 2, 4, 2, 2)
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        fused.split_qkvz(torch.randn(2, 24, device=DEVICE), 2, 3, 2, 2)
     ba, A_log, dt_bias = _gates_inputs((2,), 2, 2, torch.float32)
     with pytest.raises(ValueError, match="multiple of key heads"):
         fused.gdn_gates(ba, A_log, dt_bias, 3)

@@ -1,6 +1,8 @@
 """Reference element-wise epilogues that the model fuses on the GPU (plain PyTorch, the model's exact ops).
 
 Each one replaces several small launches in a decode step (see `benchmarks/e2e_gpu.py --profile`):
+  split_qkvz    the Gated DeltaNet layer's `in_proj_qkvz` output (grouped per key head) into the conv's input
+                and z (four strided copies; in prefill they read and write the projection's 12288 columns)
   gdn_gates     the Gated DeltaNet layer's write strength and decay from its `in_proj_ba` output
   add_rms_norm  the residual add and the zero-centred RMSNorm after it
   sigmoid_gate  x * sigmoid(gate) (+ residual): attention's output gate, the shared expert's gate
@@ -13,6 +15,28 @@ import torch
 import torch.nn.functional as F
 
 from .norms import rms_norm_ref
+
+
+def check_split_qkvz_inputs(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_k_dim: int,
+                            head_v_dim: int) -> int:
+    """Validate; return r = Hv / Hk, the value heads per key head."""
+    if num_k_heads < 1 or num_v_heads % num_k_heads:
+        raise ValueError(f"value heads ({num_v_heads}) must be a multiple of key heads ({num_k_heads})")
+    width = 2 * num_k_heads * head_k_dim + 2 * num_v_heads * head_v_dim
+    if qkvz.dim() < 2 or qkvz.shape[-1] != width:
+        raise ValueError(f"qkvz must be [..., 2 Hk dk + 2 Hv dv = {width}]; got {tuple(qkvz.shape)}")
+    return num_v_heads // num_k_heads
+
+
+def split_qkvz_ref(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int):
+    """Undo the per-key-head grouping of the fused projection qkvz [..., Hk (2 dk + 2 r dv)] (r = Hv / Hk; key
+    head h holds its q [dk], k [dk], v [r dv], z [r dv]) -> (the conv's input [..., 2 Hk dk + Hv dv]: all q,
+    then all k, then all v channels; z [..., Hv, dv]), both contiguous."""
+    r = check_split_qkvz_inputs(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+    lead, dk, dv = qkvz.shape[:-1], head_k_dim, head_v_dim
+    q, k, v, z = qkvz.reshape(*lead, num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
+    mixed = torch.cat([q.reshape(*lead, -1), k.reshape(*lead, -1), v.reshape(*lead, -1)], dim=-1)
+    return mixed, z.reshape(*lead, num_v_heads, dv)
 
 
 def check_gdn_gates_inputs(ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, num_k_heads: int) -> int:

@@ -1,6 +1,6 @@
 """Triton element-wise epilogues: one launch each for what the references in `qwen3next.ops.fused` do in
-several. Same contracts; inference only except `sigmoid_gate` (which has a backward kernel): under autograd
-(an input that requires grad) and for fp64 they run the reference (`rms_norm_rotary`: the Triton RMSNorm,
+several. Same contracts; inference only except `sigmoid_gate` and `split_qkvz` (which have backward kernels):
+under autograd (an input that requires grad) and for fp64 they run the reference (`rms_norm_rotary`: the Triton RMSNorm,
 then the reference rotation). Arithmetic is fp32 with one final rounding, so results differ from the
 references (which round after each op in low precision) by at most the output's rounding.
 """
@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from ..fused import (
-    add_rms_norm_ref, check_gdn_gates_inputs, check_rms_norm_rotary_inputs, gdn_gates_ref, rotary_ref, sigmoid_gate_ref,
+    add_rms_norm_ref, check_gdn_gates_inputs, check_rms_norm_rotary_inputs, check_split_qkvz_inputs, gdn_gates_ref,
+    rotary_ref, sigmoid_gate_ref, split_qkvz_ref,
 )
 from .norms import rms_norm
 
@@ -33,6 +34,83 @@ def _row_block(D: int) -> tuple[int, int]:
     """(BLOCK_D, rows per program) for rows of D elements."""
     block_d = triton.next_power_of_2(D)
     return block_d, max(1, min(16, 4096 // block_d))
+
+
+# ---------------------------------------------------------------------------------------------------- qkvz split
+@triton.jit
+def _move(a, b, mask, B_TO_A: tl.constexpr):
+    """Copy the tile at pointers a to pointers b (B_TO_A: b to a)."""
+    if B_TO_A:
+        tl.store(a, tl.load(b, mask=mask).to(a.dtype.element_ty), mask=mask)
+    else:
+        tl.store(b, tl.load(a, mask=mask).to(b.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_qkvz_kernel(src, mixed, z, n_rows, stride_src, HK: tl.constexpr, DK: tl.constexpr, VW: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, ROWS: tl.constexpr, MERGE: tl.constexpr):
+    """ROWS rows of key head h = program_id(1): its q, k [DK] and v, z [VW = r dv] columns of src [rows, Hk (2 DK
+    + 2 VW)] (row stride stride_src) to their places in mixed [rows, 2 Hk DK + Hk VW] and z [rows, Hk VW], both
+    contiguous; MERGE: from there back into src (the backward)."""
+    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    h = tl.program_id(1)
+    ck = tl.arange(0, BLOCK_K)[None, :]
+    cv = tl.arange(0, BLOCK_V)[None, :]
+    mk = (rows < n_rows) & (ck < DK)
+    mv = (rows < n_rows) & (cv < VW)
+    grp = src + rows * stride_src + h * (2 * DK + 2 * VW)
+    out = mixed + rows * (2 * HK * DK + HK * VW)
+    _move(grp + ck, out + h * DK + ck, mk, MERGE)
+    _move(grp + DK + ck, out + HK * DK + h * DK + ck, mk, MERGE)
+    _move(grp + 2 * DK + cv, out + 2 * HK * DK + h * VW + cv, mv, MERGE)
+    _move(grp + 2 * DK + VW + cv, z + rows * (HK * VW) + h * VW + cv, mv, MERGE)
+
+
+def _split_qkvz_launch(src, mixed, z, num_k_heads, dk, vw, merge):
+    """src [rows, Hk (2 dk + 2 vw)] (unit column stride) <-> mixed [rows, 2 Hk dk + Hk vw], z [rows, Hk vw]."""
+    n = src.shape[0]
+    block_k, block_v = triton.next_power_of_2(dk), triton.next_power_of_2(vw)
+    per = max(1, min(32, 4096 // block_v))
+    if n:
+        _split_qkvz_kernel[(triton.cdiv(n, per), num_k_heads)](
+            src, mixed, z, n, src.stride(0), HK=num_k_heads, DK=dk, VW=vw, BLOCK_K=block_k, BLOCK_V=block_v,
+            ROWS=per, MERGE=merge, num_warps=4)
+
+
+def _split_qkvz_forward(qkvz, num_k_heads, num_v_heads, dk, dv):
+    rows = _row_view(qkvz, qkvz.shape[-1])
+    vw = num_v_heads // num_k_heads * dv
+    mixed = qkvz.new_empty(rows.shape[0], num_k_heads * (2 * dk + vw))
+    z = qkvz.new_empty(rows.shape[0], num_v_heads * dv)
+    _split_qkvz_launch(rows, mixed, z, num_k_heads, dk, vw, merge=False)
+    lead = qkvz.shape[:-1]
+    return mixed.view(*lead, -1), z.view(*lead, num_v_heads, dv)
+
+
+class _SplitQKVZ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkvz, num_k_heads, num_v_heads, dk, dv):
+        ctx.meta = (qkvz.shape, qkvz.dtype, num_k_heads, num_v_heads // num_k_heads * dv, dk)
+        return _split_qkvz_forward(qkvz, num_k_heads, num_v_heads, dk, dv)
+
+    @staticmethod
+    def backward(ctx, dmixed, dz):
+        shape, dtype, num_k_heads, vw, dk = ctx.meta
+        dqkvz = torch.empty(shape, dtype=dtype, device=dmixed.device)
+        _split_qkvz_launch(dqkvz.view(-1, shape[-1]), dmixed.contiguous().view(-1, dmixed.shape[-1]),
+                           dz.contiguous().view(-1, num_k_heads * vw), num_k_heads, dk, vw, merge=True)
+        return dqkvz, None, None, None, None
+
+
+def split_qkvz(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int):
+    """Triton `split_qkvz_ref`: one launch that reads each key head's group once and writes the conv's input
+    and z (one launch back under autograd); fp64 runs the reference."""
+    check_split_qkvz_inputs(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+    if qkvz.dtype == torch.float64:
+        return split_qkvz_ref(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+    if torch.is_grad_enabled() and qkvz.requires_grad:
+        return _SplitQKVZ.apply(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+    return _split_qkvz_forward(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
 
 
 # ---------------------------------------------------------------------------------------------------- gates
