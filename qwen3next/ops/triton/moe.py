@@ -29,9 +29,8 @@ Backward (`_MoEExperts.backward`; the forward saves the pre-activations h, not a
 (dact' . act), dh = d(silu(g) * u) * w, and w * act; dx rows = dh . Wg/u[e] (grouped GEMM, scattered and
 summed over slots like the forward); the weight gradients are grouped outer products over each expert's
 rows, dWg/u from dh and x[t], dWd from dout[t] and w * act (the weight scales the narrow operand):
-`torch._grouped_mm` on CUDA where present (faster there; it takes the rows gathered, and the dact GEMM
-stores dout[t] by sorted row as it reads them), else our kernel (one program per expert and weight tile, a
-fixed row order: deterministic). Accumulation is fp32 everywhere; stored tensors take the
+`torch._grouped_mm` on CUDA where present (faster there), else our kernel (one program per expert and
+weight tile, a fixed row order: deterministic). Accumulation is fp32 everywhere; stored tensors take the
 inputs' dtype.
 """
 
@@ -239,14 +238,14 @@ def _desc_tile(b, e, n0, k0, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _grouped_gemm_tile(
-    a, b, c, h, a_rows_out, order, scale, e, row0, row_end, pid_n, num_n, N_OUT, K,
+    a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
-    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, STORE_A: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
     B_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One output tile of `_grouped_gemm_kernel`: rows row0 .. row0 + BLOCK_M (masked at row_end) of expert
-    e, columns pid_n * BLOCK_N .. + BLOCK_N (of num_n column tiles)."""
+    e, columns pid_n * BLOCK_N .. + BLOCK_N."""
     rows = row0 + tl.arange(0, BLOCK_M)
     rmask = rows < row_end
     pair = _pairs(order, rows, rmask, GATHER_A or SCATTER_C or SCALE)
@@ -268,9 +267,6 @@ def _grouped_gemm_tile(
             a_mask = rmask[:, None] & kmask[None, :]
             b_mask = kmask[:, None] & nmask[None, :]
         a_tile = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if STORE_A:
-            if (k0 // BLOCK_K) % num_n == pid_n:  # the row tile's num_n programs take turns over the steps
-                tl.store(a_rows_out + rows[:, None].to(tl.int64) * K + (k0 + ks)[None, :], a_tile, mask=a_mask)
         if B_DESC:
             b_tile = _desc_tile(b, e, pid_n * BLOCK_N, k0, BLOCK_N, BLOCK_K)
         else:
@@ -303,10 +299,10 @@ def _grouped_gemm_tile(
 
 @triton.jit
 def _grouped_gemm_kernel(
-    a, b, c, h, a_rows_out, order, scale, ends, E, N_OUT, K,
+    a, b, c, h, order, scale, ends, E, N_OUT, K,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, SCALE: tl.constexpr,
-    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, STORE_A: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
+    SWIGLU: tl.constexpr, STORE_H: tl.constexpr, EVEN_K: tl.constexpr, PREC: tl.constexpr,
     B_DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, SHORT_TAILS: tl.constexpr,
 ):
@@ -314,13 +310,11 @@ def _grouped_gemm_kernel(
     k*stride_bk + n*stride_bn. row' = order[r] // TOP_K (GATHER_A: the token) else r; C's row = order[r]
     (SCATTER_C: the (token, slot) position) else r. SCALE multiplies row r by scale[order[r]]. SWIGLU: a
     second product with B shifted by up_offset gives `up`; C = silu(first) * up, and STORE_H keeps both
-    pre-activations in h [M, 2*N_OUT]. STORE_A writes the A rows as read, by sorted row, to a_rows_out [M, K]
-    (contiguous): the gathered rows that a weight gradient needs, without a gather pass. SHORT_TAILS: an
-    expert's last tile, when at most half full, runs as a half-height tile (a quarter-height one when at most
-    a quarter full), so it does not multiply padding rows: at 160 rows per expert, 128-row tiles compute 256
-    rows, with short tails about 176. B_DESC: b is a TMA descriptor over the stacked weights [E, N_OUT rows
-    (2 N_OUT with SWIGLU), K] (the forward's layout: reduction contiguous), block [1, BLOCK_N, BLOCK_K]; the
-    strides are then unused."""
+    pre-activations in h [M, 2*N_OUT]. SHORT_TAILS: an expert's last tile, when at most half full, runs
+    as a half-height tile (a quarter-height one when at most a quarter full), so it does not multiply
+    padding rows: at 160 rows per expert, 128-row tiles compute 256 rows, with short tails about 176.
+    B_DESC: b is a TMA descriptor over the stacked weights [E, N_OUT rows (2 N_OUT with SWIGLU), K] (the
+    forward's layout: reduction contiguous), block [1, BLOCK_N, BLOCK_K]; the strides are then unused."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N_OUT, BLOCK_N)
     pid_m = pid // num_n
@@ -330,17 +324,17 @@ def _grouped_gemm_kernel(
         return
     rest = row_end - row0
     if SHORT_TAILS >= 2 and rest <= BLOCK_M // 4:
-        _grouped_gemm_tile(a, b, c, h, a_rows_out, order, scale, e, row0, row_end, pid_n, num_n, N_OUT, K, stride_am,
-                           stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C,
-                           SCALE, SWIGLU, STORE_H, STORE_A, EVEN_K, PREC, B_DESC, BLOCK_M // 4, BLOCK_N, BLOCK_K)
+        _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
+                           stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, BLOCK_M // 4, BLOCK_N, BLOCK_K)
     elif SHORT_TAILS >= 1 and rest <= BLOCK_M // 2:
-        _grouped_gemm_tile(a, b, c, h, a_rows_out, order, scale, e, row0, row_end, pid_n, num_n, N_OUT, K, stride_am,
-                           stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C,
-                           SCALE, SWIGLU, STORE_H, STORE_A, EVEN_K, PREC, B_DESC, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+        _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
+                           stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, BLOCK_M // 2, BLOCK_N, BLOCK_K)
     else:
-        _grouped_gemm_tile(a, b, c, h, a_rows_out, order, scale, e, row0, row_end, pid_n, num_n, N_OUT, K, stride_am,
-                           stride_be, stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C,
-                           SCALE, SWIGLU, STORE_H, STORE_A, EVEN_K, PREC, B_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _grouped_gemm_tile(a, b, c, h, order, scale, e, row0, row_end, pid_n, N_OUT, K, stride_am, stride_be,
+                           stride_bn, stride_bk, stride_cm, stride_hm, up_offset, TOP_K, GATHER_A, SCATTER_C, SCALE,
+                           SWIGLU, STORE_H, EVEN_K, PREC, B_DESC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -475,9 +469,8 @@ def _tma_loads(t: torch.Tensor) -> bool:
 
 
 def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gather_a=False, scatter=False,
-                  scale=None, swiglu_up_offset=None, h=None, a_rows_out=None, config=None):
-    """Launch `_grouped_gemm_kernel`; w_strides = (per-expert, per-output-column, per-reduction-step);
-    a_rows_out: [M, k_dim] for the A rows as read (STORE_A), or None."""
+                  scale=None, swiglu_up_offset=None, h=None, config=None):
+    """Launch `_grouped_gemm_kernel`; w_strides = (per-expert, per-output-column, per-reduction-step)."""
     M, E = order.shape[0], ends.shape[0]
     cfg = config or _gemm_config(M, E, swiglu_up_offset is not None, a.element_size())
     if M == 0:
@@ -490,13 +483,11 @@ def _grouped_gemm(a, w, order, ends, n_out, k_dim, w_strides, out, *, top_k, gat
     if cfg["B_DESC"]:
         w = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, cfg["BLOCK_N"], cfg["BLOCK_K"]])
     _grouped_gemm_kernel[grid](
-        a, w, out, h if h is not None else out, a_rows_out if a_rows_out is not None else out, order,
-        scale if scale is not None else out, ends, E, n_out, k_dim,
+        a, w, out, h if h is not None else out, order, scale if scale is not None else out, ends, E, n_out, k_dim,
         a.stride(0), *w_strides, out.stride(0), h.stride(0) if h is not None else 0,
         swiglu_up_offset or 0,
         TOP_K=top_k, GATHER_A=gather_a, SCATTER_C=scatter, SCALE=scale is not None,
-        SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, STORE_A=a_rows_out is not None,
-        EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
+        SWIGLU=swiglu_up_offset is not None, STORE_H=h is not None, EVEN_K=k_dim % cfg["BLOCK_K"] == 0,
         PREC=dot_precision(a.dtype),
         BLOCK_E=triton.next_power_of_2(E), **cfg)
     return out
@@ -513,26 +504,19 @@ def _grouped_wgrad(g, a, order, ends, dw, *, top_k, gather_g=False, gather_a=Fal
     return dw
 
 
-def _grouped_mm_wgrad(g, a, ends) -> bool:
-    """Whether `_weight_grad` over these operands goes to `torch._grouped_mm` (CUDA, and its kernel takes
-    < 1024 groups)."""
-    return g.is_cuda and ends.shape[0] < 1024 and _grouped_mm_takes(g, a)
-
-
-def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=False, token=None, g_rows=None):
+def _weight_grad(g, a, order, ends, like, *, top_k, gather_g=False, gather_a=False, token=None):
     """dW [E, N_OUT, K] = sum over expert e's rows of G[r]^T A[r] (rows as in `_grouped_wgrad_kernel`; token:
-    order // top_k, the gathered rows, if the caller has it; g_rows: G's rows already gathered, by sorted row).
+    order // top_k, the gathered rows, if the caller has it).
 
     On CUDA where `torch._grouped_mm` takes the operands, the rows are gathered and one grouped product
     (CUTLASS, empty groups give zeros in this layout) does it: 1.61 and 0.93 ms with the gathers against our
     kernel's 1.78 and 0.95 for gate_up and down at 8192 tokens on an H100 (benchmarks/moe_gpu.py sweep).
     Else our kernel.
     """
-    if _grouped_mm_wgrad(g, a, ends):
-        if gather_g and g_rows is None or gather_a:
-            token = order // top_k if token is None else token
+    if g.is_cuda and ends.shape[0] < 1024 and _grouped_mm_takes(g, a):  # its CUDA kernel takes < 1024 groups
+        token = order // top_k if token is None else token
         if gather_g:
-            g = g[token] if g_rows is None else g_rows
+            g = g[token]
         if gather_a:
             a = a[token]
         return torch._grouped_mm(g.t(), a, offs=ends)
@@ -578,18 +562,15 @@ class _MoEExperts(torch.autograd.Function):
         dout = dout.to(x.dtype).contiguous()  # an fp32 gradient may reach a bf16 output
         dx = dgu = ddn = dw = None
         need_dact = need_x or need_gu or need_w
-        dact = dh = dscale = d_rows = None
-        act_w = x.new_empty(M, I) if need_dn else None
+        dact = dh = dscale = act_w = None
         if need_dact:
-            # the down weight gradient's CUTLASS path takes dout's rows gathered: the dact GEMM, which reads them
-            # so, stores them on the way (no gather pass)
-            if need_dn and _grouped_mm_wgrad(dout, act_w, ends):
-                d_rows = x.new_empty(M, D)
             dn = down.stride()  # dact'[r, i] = sum_d dout[t, d] * down[e, d, i]
             dact = _grouped_gemm(dout, down, order, ends, I, D, (dn[0], dn[2], dn[1]), x.new_empty(M, I),
-                                 top_k=k, gather_a=True, a_rows_out=d_rows)
+                                 top_k=k, gather_a=True)
             dh = torch.empty_like(h)
             dscale = torch.empty(M, device=x.device, dtype=torch.float32)
+        if need_dn:
+            act_w = x.new_empty(M, I)
         if M > 0:
             _swiglu_bwd_kernel[(M,)](dact if need_dact else h, h, order, w_flat, dh if need_dact else h,
                                      dscale if need_dact else w_flat, act_w if need_dn else h, I, HAS_DACT=need_dact,
@@ -601,11 +582,11 @@ class _MoEExperts(torch.autograd.Function):
             rows = _grouped_gemm(dh, gate_up, order, ends, D, 2 * I, (gu[0], gu[2], gu[1]), x.new_empty(M, D),
                                  top_k=k, scatter=True)
             dx = _slot_sum(rows, k)
-        token = order // k if need_gu and need_dn and d_rows is None else None  # both weight gradients gather by it
+        token = order // k if need_gu and need_dn else None  # both weight gradients gather by it
         if need_gu:
             dgu = _weight_grad(dh, x, order, ends, gate_up, top_k=k, gather_a=True, token=token)
         if need_dn:
-            ddn = _weight_grad(dout, act_w, order, ends, down, top_k=k, gather_g=True, token=token, g_rows=d_rows)
+            ddn = _weight_grad(dout, act_w, order, ends, down, top_k=k, gather_g=True, token=token)
         return dx, dgu, ddn, dw, None
 
 
