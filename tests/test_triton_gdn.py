@@ -236,7 +236,10 @@ def test_dispatch_uses_the_kernels(monkeypatch):
 @pytest.mark.parametrize("cu", [None, [0, 1, 5, 70, 75]])
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("activation", ["silu", None])
-def test_causal_conv1d_matches_reference(cu, with_state, activation):
+@pytest.mark.parametrize("final", [True, False])
+def test_causal_conv1d_matches_reference(cu, with_state, activation, final):
+    """Outputs and gradients (x, weight, initial state), with the final state's gradient added or without a
+    final state (the backward then writes dx in x's dtype directly)."""
     torch.manual_seed(len(cu or []) + 2 * with_state)
     B, T, C, K = (2, 67, 48, 4) if cu is None else (1, 75, 48, 4)
     cu_t = torch.tensor(cu, device=DEVICE) if cu is not None else None
@@ -244,13 +247,14 @@ def test_causal_conv1d_matches_reference(cu, with_state, activation):
     x = torch.randn(B, T, C, device=DEVICE, requires_grad=True)
     w = torch.randn(C, K, device=DEVICE, requires_grad=True)
     h0 = torch.randn(N, C, K - 1, device=DEVICE, requires_grad=True) if with_state else None
-    y, f = tconv.causal_conv1d(x, w, h0, True, cu_t, activation)
-    y_ref, f_ref = causal_conv1d_ref(x, w, h0, True, cu_t, activation)
-    assert rel(y, y_ref) < FWD_TOL and torch.equal(f, f_ref)
-    dy, df = torch.randn_like(y), torch.randn_like(f)
+    y, f = tconv.causal_conv1d(x, w, h0, final, cu_t, activation)
+    y_ref, f_ref = causal_conv1d_ref(x, w, h0, final, cu_t, activation)
+    assert rel(y, y_ref) < FWD_TOL and (f is f_ref is None or torch.equal(f, f_ref))
+    dy = torch.randn_like(y)
+    df = torch.randn_like(f) if final else None
     inputs = [x, w] + ([h0] if with_state else [])
-    grads = torch.autograd.grad((y * dy).sum() + (f * df).sum(), inputs)
-    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (f_ref * df).sum(), inputs)
+    grads = torch.autograd.grad((y * dy).sum() + ((f * df).sum() if final else 0), inputs)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + ((f_ref * df).sum() if final else 0), inputs)
     assert all(rel(a, b) < FWD_TOL for a, b in zip(grads, grads_ref))
 
 

@@ -4,8 +4,10 @@ Same contracts as `qwen3next.ops.conv` (`causal_conv1d_ref`, `causal_conv1d_upda
 x [B, T, C], weight [C, K], conv state [N, C, K-1] (oldest first), `cu_seqlens` packing N sequences in a row.
 Every input is seen as one packed row of tokens; a program covers BT tokens of one sequence and BC channels.
 Inputs before a sequence's start come from its initial state (zeros without one). The backward recomputes
-the pre-activation at the K shifted positions it needs (no saved activations) and sums the weight
-gradient per program, then over programs by torch.
+the pre-activation (no saved activations) in a first kernel that writes its gradient dy * silu'(pre) in
+fp32, from which a second forms dx, the initial state's gradient and each program's share of the weight
+gradient (summed over programs by torch). (One kernel that recomputed the pre-activation at each dx
+element's K shifted positions took 0.97 ms at 8192 tokens x 8192 channels on an H200, 7x the forward.)
 """
 
 from __future__ import annotations
@@ -75,36 +77,43 @@ def _conv_fwd_kernel(x, w, init, y, final, cu, blk_seq, blk_pos, C,
 
 
 @triton.jit
-def _dpre_at(x, init, w, dy, n, bos, L, pos, cols, cmask, C, K: tl.constexpr, SILU: tl.constexpr,
-             HAS_INIT: tl.constexpr):
-    """Gradient w.r.t. the pre-activation at positions `pos` (zero outside [0, L))."""
-    inside = (pos >= 0) & (pos < L)
-    g = tl.load(dy + (bos + pos)[:, None] * C + cols[None, :], mask=inside[:, None] & cmask[None, :], other=0.0)
-    g = g.to(tl.float32)
-    if SILU:
-        pre = _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K, HAS_INIT)
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
+def _conv_dpre_kernel(x, w, init, dy, dpre, cu, blk_seq, blk_pos, C, K: tl.constexpr, BT: tl.constexpr,
+                      BC: tl.constexpr, HAS_INIT: tl.constexpr):
+    """The gradient at the pre-activation, dy * silu'(pre) (fp32), with pre recomputed from x."""
+    n, bos, L, p0, pos, cols, cmask = _program_block(cu, blk_seq, blk_pos, C, BT, BC)
+    pre = _pre_at(x, init, w, n, bos, L, pos, cols, cmask, C, K, HAS_INIT)
+    offs = (bos + pos)[:, None] * C + cols[None, :]
+    mask = (pos < L)[:, None] & cmask[None, :]
+    sig = tl.sigmoid(pre)
+    g = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dpre + offs, g * sig * (1.0 + pre * (1.0 - sig)), mask=mask)
 
 
 @triton.jit
-def _conv_bwd_kernel(x, w, init, dy, dx, dinit, dw_part, cu, blk_seq, blk_pos, C,
-                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     SILU: tl.constexpr, HAS_INIT: tl.constexpr):
+def _dpre_at(dpre, bos, L, pos, cols, cmask, C):
+    """The pre-activation's gradient at positions `pos` (fp32, zero outside [0, L))."""
+    inside = (pos >= 0) & (pos < L)
+    return tl.load(dpre + (bos + pos)[:, None] * C + cols[None, :], mask=inside[:, None] & cmask[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _conv_bwd_kernel(x, w, init, dpre, dx, dinit, dw_part, cu, blk_seq, blk_pos, C,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_INIT: tl.constexpr):
+    """dx, this block's share of dw, and the initial state's gradient, from the pre-activation's gradient dpre."""
     n, bos, L, p0, pos, cols, cmask = _program_block(cu, blk_seq, blk_pos, C, BT, BC)
     # dx[t] = sum_i w_i dpre[t + K-1-i]
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     for i in tl.static_range(K):
         wi = tl.load(w + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
-        acc += wi[None, :] * _dpre_at(x, init, w, dy, n, bos, L, pos + (K - 1) - i, cols, cmask, C, K, SILU, HAS_INIT)
+        acc += wi[None, :] * _dpre_at(dpre, bos, L, pos + (K - 1) - i, cols, cmask, C)
     tl.store(dx + (bos + pos)[:, None] * C + cols[None, :], acc.to(dx.dtype.element_ty),
              mask=(pos < L)[:, None] & cmask[None, :])
     # dw[c, i] = sum_t dpre[t] x[t - (K-1) + i], this block's share
-    dpre = _dpre_at(x, init, w, dy, n, bos, L, pos, cols, cmask, C, K, SILU, HAS_INIT)
+    g = _dpre_at(dpre, bos, L, pos, cols, cmask, C)
     for i in tl.static_range(K):
         xi = _x_at(x, init, n, bos, L, pos - (K - 1) + i, cols, cmask, C, K - 1, HAS_INIT)
-        tl.store(dw_part + (tl.program_id(0) * C + cols) * K + i, tl.sum(dpre * xi, 0), mask=cmask)
+        tl.store(dw_part + (tl.program_id(0) * C + cols) * K + i, tl.sum(g * xi, 0), mask=cmask)
     if HAS_INIT:
         if p0 == 0:  # the initial state holds positions -(K-1) .. -1: same formula as dx
             j = tl.arange(0, KP)
@@ -112,8 +121,7 @@ def _conv_bwd_kernel(x, w, init, dy, dx, dinit, dw_part, cu, blk_seq, blk_pos, C
             acc0 = tl.zeros([KP, BC], dtype=tl.float32)
             for i in tl.static_range(K):
                 wi = tl.load(w + cols * K + i, mask=cmask, other=0.0).to(tl.float32)
-                acc0 += wi[None, :] * _dpre_at(x, init, w, dy, n, bos, L, vpos + (K - 1) - i, cols, cmask, C, K,
-                                               SILU, HAS_INIT)
+                acc0 += wi[None, :] * _dpre_at(dpre, bos, L, vpos + (K - 1) - i, cols, cmask, C)
             tl.store(dinit + (n * C + cols[None, :]) * (K - 1) + j[:, None], acc0.to(dinit.dtype.element_ty),
                      mask=(j < K - 1)[:, None] & cmask[None, :])
 
@@ -149,14 +157,22 @@ class _CausalConv1d(torch.autograd.Function):
         offsets, nb, silu, init_dtype = ctx.meta
         _, T, C = xc.shape
         K = wc.shape[1]
-        dx = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
+        BC = _block_c(C)
+        grid = (nb, triton.cdiv(C, BC))
+        dy = dy.contiguous()
+        dpre = dy  # without the activation the pre-activation's gradient is dy itself
+        if silu:  # else every dx element would recompute the pre-activation at its K shifted positions
+            dpre = torch.empty(xc.shape, dtype=torch.float32, device=xc.device)
+            _conv_dpre_kernel[grid](xc, wc, init if init is not None else xc, dy, dpre, cu, blk_seq, blk_pos, C,
+                                    K=K, BT=BT, BC=BC, HAS_INIT=init is not None)
+        # the final state's gradient is added to dx afterwards, in fp32: then dx is rounded once
+        dx = torch.empty(xc.shape, dtype=torch.float32 if dfinal is not None else xc.dtype, device=xc.device)
         dinit = torch.empty(init.shape, dtype=torch.float32, device=xc.device) if init is not None else None
         dw_part = torch.empty(nb, C, K, dtype=torch.float32, device=xc.device)
-        BC = _block_c(C)
-        _conv_bwd_kernel[(nb, triton.cdiv(C, BC))](
-            xc, wc, init if init is not None else xc, dy.contiguous(), dx, dinit if dinit is not None else dx,
-            dw_part, cu, blk_seq, blk_pos, C, K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC,
-            SILU=silu, HAS_INIT=init is not None)
+        _conv_bwd_kernel[grid](
+            xc, wc, init if init is not None else xc, dpre, dx, dinit if dinit is not None else dx, dw_part, cu,
+            blk_seq, blk_pos, C, K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC,
+            HAS_INIT=init is not None)
         if dfinal is not None:  # the final state is the last K-1 inputs: route its gradient to them
             _add_final_state_grad(dx, dinit, dfinal.float(), offsets, K)
         return (dx.to(xc.dtype), dw_part.sum(0).to(wc.dtype), dinit.to(init_dtype) if dinit is not None else None,
