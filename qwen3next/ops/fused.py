@@ -35,7 +35,12 @@ def split_qkvz_ref(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_
     r = check_split_qkvz_inputs(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
     lead, dk, dv = qkvz.shape[:-1], head_k_dim, head_v_dim
     q, k, v, z = qkvz.reshape(*lead, num_k_heads, -1).split([dk, dk, r * dv, r * dv], dim=-1)
-    mixed = torch.cat([q.reshape(*lead, -1), k.reshape(*lead, -1), v.reshape(*lead, -1)], dim=-1)
+    mixed = qkvz.new_empty(*lead, num_k_heads * (2 * dk + r * dv))
+    start = 0
+    for part in (q, k, v):  # one strided copy each, straight into place
+        width = part.shape[-2] * part.shape[-1]
+        mixed[..., start:start + width].view(part.shape).copy_(part)
+        start += width
     return mixed, z.reshape(*lead, num_v_heads, dv)
 
 
