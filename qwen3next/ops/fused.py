@@ -2,7 +2,7 @@
 
 Each one replaces several small launches in a decode step (see `benchmarks/e2e_gpu.py --profile`):
   split_qkvz    the Gated DeltaNet layer's `in_proj_qkvz` output (grouped per key head) into the conv's input
-                and z (four strided copies; in prefill they read and write the projection's 12288 columns)
+                and z: four strided copies, which in prefill move the projection's whole output
   gdn_gates     the Gated DeltaNet layer's write strength and decay from its `in_proj_ba` output
   add_rms_norm  the residual add and the zero-centred RMSNorm after it
   sigmoid_gate  x * sigmoid(gate) (+ residual): attention's output gate, the shared expert's gate
