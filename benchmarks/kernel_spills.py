@@ -1,0 +1,70 @@
+"""Registers and spills of the chunked gated-delta-rule kernels on Hopper, without a GPU: each
+variant is compiled by the local Triton for sm_90a and its PTX assembled by Triton's bundled ptxas (-v).
+Another Triton than the GPU machine's allocates differently (Triton 3.9 here spills more than 3.6 did on the
+H200 for the same kernels): compare variants, don't quote.
+
+    python benchmarks/kernel_spills.py
+"""
+
+import inspect
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
+
+POINTERS = {"*bf16": ("q", "k", "v", "hs", "dhs", "do", "wr", "y", "dq", "dk", "tinv", "pmat", "o", "y_out", "dv"),
+            "*fp32": ("g", "beta", "dg", "dbeta", "h0", "ht", "dht", "dh0"),
+            "*i32": ("cu", "chunk_seq", "chunk_pos", "chunk_off")}
+MODEL = dict(HK=16, HV=32, DK=128, DV=128, BK=128, L2NORM=True, PREC="ieee")  # 80B-A3B, bf16
+
+
+def ptxas_info(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+    names = list(inspect.signature(fn.fn).parameters)
+    kinds = {n: kind for kind, group in POINTERS.items() for n in group}
+    signature = {n: "constexpr" if n in constexprs else kinds.get(n, "fp32" if n == "scale" else "i32") for n in names}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps,
+                                                                                 num_stages=num_stages))
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next(p for p in (os.path.join(bin_dir, "ptxas-blackwell"), os.path.join(bin_dir, "ptxas"))
+                 if os.path.exists(p))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    lines = (out.stdout + out.stderr).splitlines()
+    return "; ".join(line.split("info    :")[-1].strip() for line in lines if "spill" in line or "Used" in line)
+
+
+def main():
+    variants = [("one kernel", tgd._chunk_bwd_kernel, dict(KH=128))]
+    if "KH" in inspect.signature(tgd._chunk_bwd_kernel.fn).parameters:
+        variants.append(("dk halves", tgd._chunk_bwd_kernel, dict(KH=64)))
+    else:
+        variants[0] = ("one kernel", tgd._chunk_bwd_kernel, dict())
+    if hasattr(tgd, "_chunk_bwd_side_kernel"):
+        variants += [(f"{side} side", tgd._chunk_bwd_side_kernel, dict(K_SIDE=side == "k")) for side in ("q", "k")]
+    for bv in (64, 32):
+        for label, fn, extra in variants:
+            print(f"{label}, dv block {bv}, 8 warps: {ptxas_info(fn, dict(MODEL, BV=bv, **extra), 8)}", flush=True)
+    flags = dict(PRE_P=True, HAS_DHT=False, STORE_DH0=False, HAS_H0=False, STORE_HT=False, STORE_HS=True)
+    for name in ("_chunk_fwd_kernel", "_chunk_bwd_state_kernel"):  # the sequential ones, 4 warps (as run)
+        fn = getattr(tgd, name)
+        own = {k: v for k, v in flags.items() if k in inspect.signature(fn.fn).parameters}
+        for bv in (64, 32, 16):
+            print(f"{name}, dv block {bv}, 4 warps: {ptxas_info(fn, dict(MODEL, BV=bv, **own), 4)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
