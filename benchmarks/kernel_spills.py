@@ -1,7 +1,8 @@
 """Registers and spills of the chunked gated-delta-rule kernels on Hopper, without a GPU: each
 variant is compiled by the local Triton for sm_90a and its PTX assembled by Triton's bundled ptxas (-v).
-Another Triton than the GPU machine's allocates differently (Triton 3.9 here spills more than 3.6 did on the
-H200 for the same kernels): compare variants, don't quote.
+Registers depend on the Triton version (and its ptxas): for the GPU machine's, run it with that Triton
+first on the path (e.g. `pip download triton==3.6.0`, then `pip install --no-deps --target DIR` and
+PYTHONPATH=DIR). Compare variants, don't quote.
 
     python benchmarks/kernel_spills.py
 """
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
@@ -31,12 +33,13 @@ def ptxas_info(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str
     names = list(inspect.signature(fn.fn).parameters)
     kinds = {n: kind for kind, group in POINTERS.items() for n in group}
     signature = {n: "constexpr" if n in constexprs else kinds.get(n, "fp32" if n == "scale" else "i32") for n in names}
-    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    # as a launch specialises them: pointers 16-byte aligned, integer arguments (strides) multiples of 16
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n] not in ("constexpr", "fp32")}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                    attrs=aligned)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps,
                                                                                  num_stages=num_stages))
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = next(p for p in (os.path.join(bin_dir, "ptxas-blackwell"), os.path.join(bin_dir, "ptxas"))
-                 if os.path.exists(p))
+    ptxas = get_ptxas(90).path  # the assembler this Triton itself runs for sm_90
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
