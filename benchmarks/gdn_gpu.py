@@ -38,7 +38,7 @@ from qwen3next.ops.triton import conv as tconv  # noqa: E402
 from qwen3next.ops.triton import blocks  # noqa: E402
 from qwen3next.ops.triton import gated_delta as tgd  # noqa: E402
 from qwen3next.ops.triton import norms as tnorms  # noqa: E402
-from timing import gpu_idle, host_ms, kernel_profile  # noqa: E402
+from timing import capture_graph, gpu_idle, host_ms, kernel_profile  # noqa: E402
 
 HK, HV, D = 16, 32, 128
 SHAPES = [(1, 4096), (1, 16384), (4, 8192), (8, 8192), (1, 65536)]
@@ -327,11 +327,7 @@ def time_decode(fla_recurrent):
         step = lambda: tgd.recurrent_gated_delta_rule_update(q, k, v, g, beta, pool, idx,  # noqa: E731
                                                              use_qk_l2norm_in_kernel=True)
         row = {"ours_ms": bench(step)}
-        step()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        row["ours_graph_ms"] = bench(graph.replay)
+        row["ours_graph_ms"] = bench(capture_graph(step).replay)
         row["ours_TBps"] = state_bytes / row["ours_graph_ms"] / 1e9
         if fla_recurrent is not None:
             row["fla_ms"] = bench(lambda: fla_recurrent(q, k, v, g, beta, initial_state=pool, output_final_state=True,

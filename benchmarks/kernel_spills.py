@@ -34,7 +34,8 @@ def ptxas_info(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str
     kinds = {n: kind for kind, group in POINTERS.items() for n in group}
     signature = {n: "constexpr" if n in constexprs else kinds.get(n, "fp32" if n == "scale" else "i32") for n in names}
     # as a launch specialises them: pointers 16-byte aligned, integer arguments (strides) multiples of 16
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n] not in ("constexpr", "fp32")}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if signature[n] not in ("constexpr", "fp32")}
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                     attrs=aligned)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=num_warps,
@@ -51,16 +52,9 @@ def ptxas_info(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str
 
 
 def main():
-    variants = [("one kernel", tgd._chunk_bwd_kernel, dict(KH=128))]
-    if "KH" in inspect.signature(tgd._chunk_bwd_kernel.fn).parameters:
-        variants.append(("dk halves", tgd._chunk_bwd_kernel, dict(KH=64)))
-    else:
-        variants[0] = ("one kernel", tgd._chunk_bwd_kernel, dict())
-    if hasattr(tgd, "_chunk_bwd_side_kernel"):
-        variants += [(f"{side} side", tgd._chunk_bwd_side_kernel, dict(K_SIDE=side == "k")) for side in ("q", "k")]
-    for bv in (64, 32):
-        for label, fn, extra in variants:
-            print(f"{label}, dv block {bv}, 8 warps: {ptxas_info(fn, dict(MODEL, BV=bv, **extra), 8)}", flush=True)
+    for bv in (64, 32):  # the parallel backward, 8 warps (as run)
+        print(f"_chunk_bwd_kernel, dv block {bv}, 8 warps: {ptxas_info(tgd._chunk_bwd_kernel, dict(MODEL, BV=bv), 8)}",
+              flush=True)
     flags = dict(PRE_P=True, HAS_DHT=False, STORE_DH0=False, HAS_H0=False, STORE_HT=False, STORE_HS=True)
     for name in ("_chunk_fwd_kernel", "_chunk_bwd_state_kernel"):  # the sequential ones, 4 warps (as run)
         fn = getattr(tgd, name)

@@ -1,8 +1,8 @@
 """Triton element-wise epilogues: one launch each for what the references in `qwen3next.ops.fused` do in
 several. Same contracts; inference only except `sigmoid_gate` and `split_qkvz` (which have backward
 kernels): under autograd (an input that requires grad) and for fp64 they run the reference (`rms_norm_rotary`:
-the Triton RMSNorm, then the reference rotation). Arithmetic is fp32 with one final rounding, so results differ from the
-references (which round after each op in low precision) by at most the output's rounding.
+the Triton RMSNorm, then the reference rotation). Arithmetic is fp32 with one final rounding, so results differ
+from the references (which round after each op in low precision) by at most the output's rounding.
 """
 
 from __future__ import annotations
