@@ -42,7 +42,7 @@ from qwen3next.config import LINEAR
 from qwen3next.decode import StaticDecoder
 from qwen3next.generate import prefill, select_tokens
 from qwen3next.model import cache_bytes_per_sequence, count_parameters
-from timing import kernel_profile, sync, time_once
+from timing import gpu_idle, kernel_profile, sync, time_once
 
 PEAK_FLOPS, PEAK_BW = 750e12, 3.0e12
 DECODE_CONTEXT = 512
@@ -270,6 +270,7 @@ def bench_variant(name, args, device, dtype, log):
         log(fmt(run_prefill("qwen3next", ours_prefill, device, T, args.reps, results, floor)))
         if args.profile and device.type == "cuda" and T == lengths[0]:
             kernel_profile(ours_prefill, device, f"prefill 1 x {T}", log, reps=1)
+            gpu_idle(ours_prefill, device, f"prefill 1 x {T}", log)
         if hf is not None:
             log(fmt(run_prefill("transformers", lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1),
                                 device, T, args.reps, results, floor)))
@@ -321,7 +322,8 @@ def main():
     parser.add_argument("--reps", type=int, default=3, help="timed prefills")
     parser.add_argument("--chunk", type=int, default=8192, help="our prefill chunk")
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="kernel breakdown of our first prefill and decode step")
+    parser.add_argument("--profile", action="store_true",
+                        help="kernel breakdown of our first prefill (and where the GPU waits in it) and decode step")
     parser.add_argument("--small", action="store_true", help="tiny shapes (script check, any device)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     args = parser.parse_args()

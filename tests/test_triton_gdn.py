@@ -90,12 +90,12 @@ def test_chunk_gated_delta_rule_varlen(r):
 @pytest.mark.parametrize("tuning", [tgd.Tuning(pre_scores=True, stages=2, block_v=16, bwd_block_v=32, warps=8,
                                                inverse_warps=4, scores_warps=1),
                                     tgd.Tuning(pre_scores=False, train_pre_scores=None, stages=3,
-                                               bwd_warps=4, inverse_warps=2)])
+                                               bwd_warps=4, inverse_warps=2, per_key_head=False)])
 def test_chunk_launch_choices_give_the_same_results(monkeypatch, tuning):
     """Every launch choice that the GPU benchmark sweeps (benchmarks/gdn_gpu.py --sweep) is exact too."""
     monkeypatch.setattr(tgd, "TUNING", tuning)
     cu = torch.tensor([0, 65, 66, 130], dtype=torch.int32, device=DEVICE)
-    check_chunk(130, HK=1, r=2, l2norm=True, cu_seqlens=cu, DV=32, seed=4)
+    check_chunk(130, HK=2, r=2, l2norm=True, cu_seqlens=cu, DV=32, seed=4)
 
 
 def test_reference_backward_where_the_kernel_faults(monkeypatch):
