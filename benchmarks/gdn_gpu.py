@@ -3,10 +3,9 @@ of ours against fla 0.6.0 in the same process. Prints markdown tables; writes ev
 
     python benchmarks/gdn_gpu.py [--quick] [--sweep [all | bwd]] [--profile]
 
---sweep first times the chunked kernels' launch choices (`Tuning`: the parallel forward kernels' warps and
-programs, then the backward kernel's dv block and P's source in training; `bwd`: only the latter) and then
-checks and times everything with the fastest. --profile prints the kernel-time breakdown of forward+backward
-at 1 x 65536 and 8 x 8192.
+--sweep first times the chunked kernels' launch choices (`Tuning`: the T kernel's warps, then the backward
+kernel's dv block and P's source in training; `bwd`: only the latter) and then checks and times everything
+with the fastest. --profile prints the kernel-time breakdown of forward+backward at 1 x 65536 and 8 x 8192.
 
 Checks (each output buffer region is poisoned with NaN before the run, so an unwritten element fails):
 chunked forward and all gradients (model shape and a varlen GVA case), recurrent decode, the state-pool
@@ -260,17 +259,16 @@ def _sweep_group(spec):
 
 @section
 def sweep_tuning(what):
-    """Launch choices of the chunked kernels (`tgd.Tuning`): the T kernel's warps and the T and P kernels'
-    programs (per key head or per value head) by forward time at 1 x 16384, 1 x 65536 and 8 x 8192 (what =
-    "all"), then the parallel backward kernel's dv block and P's source in training under the best of those,
-    by forward+backward time at 1 x 16384 and 8 x 8192. The sequential kernels keep the defaults that session
-    2's sweep of their choices picked (BENCHMARKS.md). Sets `tgd.TUNING` to the winner for the checks and
-    timings after."""
+    """Launch choices of the chunked kernels (`tgd.Tuning`): the T kernel's warps by forward time at 1 x 16384,
+    1 x 65536 and 8 x 8192 (what = "all"), then the parallel backward kernel's dv block and P's source in
+    training under the best of those, by forward+backward time at 1 x 16384 and 8 x 8192. The sequential
+    kernels keep the defaults that session 2's sweep of their choices picked (BENCHMARKS.md). Sets
+    `tgd.TUNING` to the winner for the checks and timings after."""
     import itertools
     fwd_choices, fwd, best = [], [], {}
     if what == "all":
         # T at 4 warps was 1.5-2x slower, P at 1 or 2 warps 1-9% (an H100 sweep, BENCHMARKS.md): not swept again
-        fwd_choices = [dict(inverse_warps=iw, per_key_head=pk) for iw, pk in itertools.product((1, 2), (True, False))]
+        fwd_choices = [dict(inverse_warps=iw) for iw in (1, 2)]
         fwd = _sweep_group({"pass": "fwd", "shapes": [[1, 16384], [1, 65536], [8, 8192]], "choices": fwd_choices})
         RESULTS["sweep"]["forward"] = {json.dumps(c): t for c, t in zip(fwd_choices, fwd)}
         best = min(zip(fwd_choices, fwd), key=lambda ct: sum(ct[1]))[0]

@@ -90,7 +90,7 @@ def test_chunk_gated_delta_rule_varlen(r):
 @pytest.mark.parametrize("tuning", [tgd.Tuning(pre_scores=True, stages=2, block_v=16, bwd_block_v=32, warps=8,
                                                inverse_warps=4, scores_warps=1),
                                     tgd.Tuning(pre_scores=False, train_pre_scores=None, stages=3,
-                                               bwd_warps=4, inverse_warps=2, per_key_head=False)])
+                                               bwd_warps=4, inverse_warps=2)])
 def test_chunk_launch_choices_give_the_same_results(monkeypatch, tuning):
     """Every launch choice that the GPU benchmark sweeps (benchmarks/gdn_gpu.py --sweep) is exact too."""
     monkeypatch.setattr(tgd, "TUNING", tuning)

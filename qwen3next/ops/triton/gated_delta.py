@@ -11,12 +11,12 @@ non-positive number; A_ij = beta_i exp(c_i - c_j) k_i.k_j for j < i; T = (I + A)
     o = exp(c) * (q S) + (P d),  P_ij = exp(c_i - c_j) q_i.k_j for j <= i
     S <- exp(c_C) S + (exp(c_C - c) * k)^T d
 Kernels:
-  1. `_chunk_inverse_kernel`, parallel over chunks x key heads: T of every chunk and value head (k k^T formed
-     once for the value heads that share the key head), by forward substitution on the four 16x16 diagonal
-     blocks and block products for the rest. Writes only T (64 numbers per token and head, in the input dtype).
-  1b. `_chunk_scores_kernel`, parallel like kernel 1 (q k^T once a group): P of every chunk, when few
-     sequences leave the sequential kernels latency-bound (B = 1: one program per multiprocessor); it takes
-     the largest product off their per-chunk path (1.45 vs 1.62 ms at 1 x 16384 on an H100; slower at 8 x 8192).
+  1. `_chunk_inverse_kernel`, parallel over chunks x value heads: T of every chunk, by forward
+     substitution on the four 16x16 diagonal blocks and block products for the rest. Writes only T
+     (64 numbers per token and head, in the input dtype).
+  1b. `_chunk_scores_kernel`, parallel like kernel 1: P of every chunk, when few sequences leave the
+     sequential kernels latency-bound (B = 1: one program per multiprocessor); it takes the largest
+     product off their per-chunk path (1.45 vs 1.62 ms at 1 x 16384 on an H100; slower at 8 x 8192).
      In training always: there kernel 3 reads P too (fwd+bwd 13.7 -> 11.7 ms at 8 x 8192 on an H200).
   2. `_chunk_fwd_kernel`, sequential over a sequence's chunks, parallel over sequences x value heads x
      dv blocks (the columns of S evolve independently, so splitting dv gives B = 1 enough programs).
@@ -229,11 +229,9 @@ def _store_block(ptr, t0, eos, hv, HV: tl.constexpr, i: tl.constexpr, j: tl.cons
 @triton.jit
 def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos, stride_k,
                           HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BKC: tl.constexpr,
-                          GROUP: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
-    """T of one chunk for GROUP value heads that share a key head (GROUP divides HV / HK): the k_i.k_j products
-    are formed once, then scaled by each head's gates and inverted."""
-    cid, hv0 = tl.program_id(0), tl.program_id(1) * GROUP
-    hk = hv0 // (HV // HK)
+                          L2NORM: tl.constexpr, PREC: tl.constexpr):
+    cid, hv = tl.program_id(0), tl.program_id(1)
+    hk = hv // (HV // HK)
     bos, eos, L = _sequence(cu, tl.load(chunk_seq + cid))
     r0 = tl.load(chunk_pos + cid) * 64
     t0 = bos + r0
@@ -267,75 +265,71 @@ def _chunk_inverse_kernel(k, g, beta, tinv, cu, chunk_seq, chunk_pos, stride_k,
     else:
         r0_, r1, r2, r3 = s0 + 1.0, s1 + 1.0, s2 + 1.0, s3 + 1.0
     ts = t0 + tl.arange(0, 16)
-    for j in range(GROUP):
-        hv = hv0 + j
-        g0 = tl.load(g + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
-        g1 = tl.load(g + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
-        g2 = tl.load(g + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
-        g3 = tl.load(g + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
-        f0 = r0_ * tl.load(beta + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
-        f1 = r1 * tl.load(beta + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
-        f2 = r2 * tl.load(beta + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
-        f3 = r3 * tl.load(beta + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
-        c0 = tl.cumsum(g0, 0)
-        c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
-        c2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
-        c3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
-        t00, t11, t22, t33 = _inv_unit_lower4(
-            _scale_a(a00, f0, r0_, c0, c0, True), _scale_a(a11, f1, r1, c1, c1, True),
-            _scale_a(a22, f2, r2, c2, c2, True), _scale_a(a33, f3, r3, c3, c3, True))
-        b10 = _scale_a(a10, f1, r0_, c1, c0, False)
-        b21 = _scale_a(a21, f2, r1, c2, c1, False)
-        b32 = _scale_a(a32, f3, r2, c3, c2, False)
-        b20 = _scale_a(a20, f2, r0_, c2, c0, False)
-        b31 = _scale_a(a31, f3, r1, c3, c1, False)
-        b30 = _scale_a(a30, f3, r0_, c3, c0, False)
-        # T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj  (i > j)
-        t10 = -tl.dot(t11, tl.dot(b10, t00, input_precision=PREC), input_precision=PREC)
-        t21 = -tl.dot(t22, tl.dot(b21, t11, input_precision=PREC), input_precision=PREC)
-        t32 = -tl.dot(t33, tl.dot(b32, t22, input_precision=PREC), input_precision=PREC)
-        t20 = -tl.dot(t22, tl.dot(b20, t00, input_precision=PREC) + tl.dot(b21, t10, input_precision=PREC),
-                      input_precision=PREC)
-        t31 = -tl.dot(t33, tl.dot(b31, t11, input_precision=PREC) + tl.dot(b32, t21, input_precision=PREC),
-                      input_precision=PREC)
-        t30 = -tl.dot(t33, tl.dot(b30, t00, input_precision=PREC) + tl.dot(b31, t10, input_precision=PREC)
-                      + tl.dot(b32, t20, input_precision=PREC), input_precision=PREC)
-        _store_block(tinv, t0, eos, hv, HV, 0, 0, t00)
-        _store_block(tinv, t0, eos, hv, HV, 0, 1, z)
-        _store_block(tinv, t0, eos, hv, HV, 0, 2, z)
-        _store_block(tinv, t0, eos, hv, HV, 0, 3, z)
-        _store_block(tinv, t0, eos, hv, HV, 1, 0, t10)
-        _store_block(tinv, t0, eos, hv, HV, 1, 1, t11)
-        _store_block(tinv, t0, eos, hv, HV, 1, 2, z)
-        _store_block(tinv, t0, eos, hv, HV, 1, 3, z)
-        _store_block(tinv, t0, eos, hv, HV, 2, 0, t20)
-        _store_block(tinv, t0, eos, hv, HV, 2, 1, t21)
-        _store_block(tinv, t0, eos, hv, HV, 2, 2, t22)
-        _store_block(tinv, t0, eos, hv, HV, 2, 3, z)
-        _store_block(tinv, t0, eos, hv, HV, 3, 0, t30)
-        _store_block(tinv, t0, eos, hv, HV, 3, 1, t31)
-        _store_block(tinv, t0, eos, hv, HV, 3, 2, t32)
-        _store_block(tinv, t0, eos, hv, HV, 3, 3, t33)
+    g0 = tl.load(g + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
+    g1 = tl.load(g + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
+    g2 = tl.load(g + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
+    g3 = tl.load(g + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
+    f0 = r0_ * tl.load(beta + ts * HV + hv, mask=ts < eos, other=0.0).to(tl.float32)
+    f1 = r1 * tl.load(beta + (ts + 16) * HV + hv, mask=ts + 16 < eos, other=0.0).to(tl.float32)
+    f2 = r2 * tl.load(beta + (ts + 32) * HV + hv, mask=ts + 32 < eos, other=0.0).to(tl.float32)
+    f3 = r3 * tl.load(beta + (ts + 48) * HV + hv, mask=ts + 48 < eos, other=0.0).to(tl.float32)
+    c0 = tl.cumsum(g0, 0)
+    c1 = tl.cumsum(g1, 0) + tl.sum(g0, 0)
+    c2 = tl.cumsum(g2, 0) + tl.sum(g0, 0) + tl.sum(g1, 0)
+    c3 = tl.cumsum(g3, 0) + tl.sum(g0, 0) + tl.sum(g1, 0) + tl.sum(g2, 0)
+    t00, t11, t22, t33 = _inv_unit_lower4(_scale_a(a00, f0, r0_, c0, c0, True), _scale_a(a11, f1, r1, c1, c1, True),
+                                          _scale_a(a22, f2, r2, c2, c2, True), _scale_a(a33, f3, r3, c3, c3, True))
+    a10 = _scale_a(a10, f1, r0_, c1, c0, False)
+    a21 = _scale_a(a21, f2, r1, c2, c1, False)
+    a32 = _scale_a(a32, f3, r2, c3, c2, False)
+    a20 = _scale_a(a20, f2, r0_, c2, c0, False)
+    a31 = _scale_a(a31, f3, r1, c3, c1, False)
+    a30 = _scale_a(a30, f3, r0_, c3, c0, False)
+    # T_ij = -T_ii sum_{m=j}^{i-1} A_im T_mj  (i > j)
+    t10 = -tl.dot(t11, tl.dot(a10, t00, input_precision=PREC), input_precision=PREC)
+    t21 = -tl.dot(t22, tl.dot(a21, t11, input_precision=PREC), input_precision=PREC)
+    t32 = -tl.dot(t33, tl.dot(a32, t22, input_precision=PREC), input_precision=PREC)
+    t20 = -tl.dot(t22, tl.dot(a20, t00, input_precision=PREC) + tl.dot(a21, t10, input_precision=PREC),
+                  input_precision=PREC)
+    t31 = -tl.dot(t33, tl.dot(a31, t11, input_precision=PREC) + tl.dot(a32, t21, input_precision=PREC),
+                  input_precision=PREC)
+    t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=PREC) + tl.dot(a31, t10, input_precision=PREC)
+                  + tl.dot(a32, t20, input_precision=PREC), input_precision=PREC)
+    zero = tl.zeros([16, 16], dtype=tl.float32)
+    _store_block(tinv, t0, eos, hv, HV, 0, 0, t00)
+    _store_block(tinv, t0, eos, hv, HV, 0, 1, zero)
+    _store_block(tinv, t0, eos, hv, HV, 0, 2, zero)
+    _store_block(tinv, t0, eos, hv, HV, 0, 3, zero)
+    _store_block(tinv, t0, eos, hv, HV, 1, 0, t10)
+    _store_block(tinv, t0, eos, hv, HV, 1, 1, t11)
+    _store_block(tinv, t0, eos, hv, HV, 1, 2, zero)
+    _store_block(tinv, t0, eos, hv, HV, 1, 3, zero)
+    _store_block(tinv, t0, eos, hv, HV, 2, 0, t20)
+    _store_block(tinv, t0, eos, hv, HV, 2, 1, t21)
+    _store_block(tinv, t0, eos, hv, HV, 2, 2, t22)
+    _store_block(tinv, t0, eos, hv, HV, 2, 3, zero)
+    _store_block(tinv, t0, eos, hv, HV, 3, 0, t30)
+    _store_block(tinv, t0, eos, hv, HV, 3, 1, t31)
+    _store_block(tinv, t0, eos, hv, HV, 3, 2, t32)
+    _store_block(tinv, t0, eos, hv, HV, 3, 3, t33)
 
 
 @triton.jit
 def _chunk_scores_kernel(q, k, g, p, cu, chunk_seq, chunk_pos, scale, stride_q, stride_k,
                          HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr,
-                         GROUP: tl.constexpr, L2NORM: tl.constexpr, PREC: tl.constexpr):
-    """P of every chunk (parallel over chunks x groups of GROUP value heads sharing a key head): P_ij =
-    exp(c_i - c_j) q_i.k_j for j <= i, with q, k normalised and q scaled; q k^T formed once for the group;
-    written [tokens, Hv, 64] in the input dtype, like T."""
-    cid, hv0 = tl.program_id(0), tl.program_id(1) * GROUP
-    hk = hv0 // (HV // HK)
+                         L2NORM: tl.constexpr, PREC: tl.constexpr):
+    """P of every chunk (parallel over chunks x value heads): P_ij = exp(c_i - c_j) q_i.k_j for j <= i, with
+    q, k normalised and q scaled; written [tokens, Hv, 64] in the input dtype, like T."""
+    cid, hv = tl.program_id(0), tl.program_id(1)
+    hk = hv // (HV // HK)
     bos, eos, L = _sequence(cu, tl.load(chunk_seq + cid))
     r0 = tl.load(chunk_pos + cid) * 64
     t = bos + r0 + tl.arange(0, 64)
     qd = _tile_load(q, bos, L, hk, stride_q, DK, r0, 0, 64, BK)
     kd = _tile_load(k, bos, L, hk, stride_k, DK, r0, 0, 64, BK)
-    qk = _products(qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), PREC)
-    for j in range(GROUP):
-        c = tl.cumsum(tl.load(g + t * HV + hv0 + j, mask=t < eos, other=0.0).to(tl.float32), 0)
-        _tile_store(p, bos, L, hv0 + j, HV * 64, 64, r0, 0, 64, 64, _scores(qk, c))
+    c = tl.cumsum(tl.load(g + t * HV + hv, mask=t < eos, other=0.0).to(tl.float32), 0)
+    s = _scores(_products(qd, kd, _row_factor(qd, L2NORM) * scale, _row_factor(kd, L2NORM), PREC), c)
+    _tile_store(p, bos, L, hv, HV * 64, 64, r0, 0, 64, 64, s)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -582,8 +576,6 @@ class Tuning:
     #                                  kernel's P took fwd+bwd 13.7 -> 11.7 ms
     inverse_warps: int = 1           # warps of the T kernel: with one, its 16x16 tiles' reductions stay within
     #                                  a warp (0.79 ms at 1 x 65536 on an H100, against 2.87 with four)
-    per_key_head: bool = True        # T and P kernels: one program per (chunk, key head), its value heads in a
-    #                                  loop, k k^T and q k^T formed once for the group (False: one per value head)
     scores_warps: int = 4            # warps of the P kernel
     bwd_block_v: int = 64            # dv block of the parallel backward kernel's loop (32, or 16 warps: slower
     #                                  on an H200)
@@ -604,11 +596,10 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     BK = max(16, triton.next_power_of_2(DK))
     prec = dot_precision(q.dtype)
     tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
-    group = HV // HK if tuning.per_key_head else 1  # value heads per program of the T and P kernels
     if layout.NB:
-        _chunk_inverse_kernel[(layout.NB, HV // group)](k, g, beta, tinv, layout.cu, layout.seq, layout.pos,
-                                                        k.stride(0), HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), GROUP=group,
-                                                        L2NORM=l2norm, PREC=prec, num_warps=tuning.inverse_warps)
+        _chunk_inverse_kernel[(layout.NB, HV)](k, g, beta, tinv, layout.cu, layout.seq, layout.pos, k.stride(0),
+                                               HK=HK, HV=HV, DK=DK, BKC=min(BK, 64), L2NORM=l2norm, PREC=prec,
+                                               num_warps=tuning.inverse_warps)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
     pre_scores = tuning.pre_scores
     if save_states and tuning.train_pre_scores is not None:
@@ -619,10 +610,10 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     if pre_scores:
         pmat = torch.empty_like(tinv)
         if layout.NB:
-            _chunk_scores_kernel[(layout.NB, HV // group)](q, k, g, pmat, layout.cu, layout.seq, layout.pos, scale,
-                                                           q.stride(0), k.stride(0), HK=HK, HV=HV, DK=DK, BK=BK,
-                                                           GROUP=group, L2NORM=l2norm, PREC=prec,
-                                                           num_warps=tuning.scores_warps)
+            _chunk_scores_kernel[(layout.NB, HV)](q, k, g, pmat, layout.cu, layout.seq, layout.pos, scale,
+                                                  q.stride(0), k.stride(0),
+                                                  HK=HK, HV=HV, DK=DK, BK=BK, L2NORM=l2norm, PREC=prec,
+                                                  num_warps=tuning.scores_warps)
     o = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NB, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
