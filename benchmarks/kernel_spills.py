@@ -1,5 +1,6 @@
 """Registers and spills of the chunked gated-delta-rule kernels on Hopper, without a GPU: each
-variant is compiled by the local Triton for sm_90a and its PTX assembled by Triton's bundled ptxas (-v).
+variant is compiled by the local Triton for sm_90a and its PTX assembled by Triton's bundled ptxas (-v);
+also the layout conversions in its TTGIR and the barriers in its PTX.
 Registers depend on the Triton version (and its ptxas): for the GPU machine's, run it with that Triton
 first on the path (e.g. `pip download triton==3.6.0`, then `pip install --no-deps --target DIR` and
 PYTHONPATH=DIR). Compare variants, don't quote.
@@ -8,7 +9,9 @@ PYTHONPATH=DIR). Compare variants, don't quote.
 """
 
 import inspect
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,7 +51,14 @@ def ptxas_info(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str
         out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True)
     lines = (out.stdout + out.stderr).splitlines()
-    return "; ".join(line.split("info    :")[-1].strip() for line in lines if "spill" in line or "Used" in line)
+    info = [line.split("info    :")[-1].strip() for line in lines if "spill" in line or "Used" in line]
+    # layout conversions (through shared memory where they cross warps) and barriers, as compiled: the
+    # shuffling between a kernel's products that its instruction count hides
+    converts = re.findall(r"ttg\.convert_layout %\S+ : tensor<([0-9x]+)x[a-z0-9]+,", kernel.asm["ttgir"])
+    big = sum(math.prod(int(d) for d in shape.split("x")) >= 8192 for shape in converts)
+    info.append(f"{len(converts)} layout conversions ({big} of 8192+ elements), "
+                f"{kernel.asm['ptx'].count('bar.sync')} barriers (static counts)")
+    return "; ".join(info)
 
 
 def main():
