@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import blocks
+from . import blocks, cdiv, next_power_of_2
 
 BT = 64
 
@@ -127,7 +127,7 @@ def _conv_bwd_kernel(x, w, init, dpre, dx, dinit, dw_part, cu, blk_seq, blk_pos,
 
 
 def _block_c(C: int) -> int:
-    return min(64, triton.next_power_of_2(C))
+    return min(64, next_power_of_2(C))
 
 
 class _CausalConv1d(torch.autograd.Function):
@@ -143,9 +143,9 @@ class _CausalConv1d(torch.autograd.Function):
         y = torch.empty_like(xc)
         final = torch.empty(N, C, K - 1, dtype=x.dtype, device=x.device) if output_final_state else None
         BC = _block_c(C)
-        _conv_fwd_kernel[(nb, triton.cdiv(C, BC))](
+        _conv_fwd_kernel[(nb, cdiv(C, BC))](
             xc, wc, init if init is not None else xc, y, final if final is not None else y, cu, blk_seq, blk_pos, C,
-            K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC, SILU=silu, HAS_INIT=init is not None,
+            K=K, KP=next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC, SILU=silu, HAS_INIT=init is not None,
             STORE_FINAL=output_final_state)
         ctx.save_for_backward(xc, wc, init, cu, blk_seq, blk_pos)
         ctx.meta = (offsets, nb, silu, initial_state.dtype if initial_state is not None else None)
@@ -158,7 +158,7 @@ class _CausalConv1d(torch.autograd.Function):
         _, T, C = xc.shape
         K = wc.shape[1]
         BC = _block_c(C)
-        grid = (nb, triton.cdiv(C, BC))
+        grid = (nb, cdiv(C, BC))
         dy = dy.contiguous()
         dpre = dy  # without the activation the pre-activation's gradient is dy itself
         if silu:  # else every dx element would recompute the pre-activation at its K shifted positions
@@ -171,7 +171,7 @@ class _CausalConv1d(torch.autograd.Function):
         dw_part = torch.empty(nb, C, K, dtype=torch.float32, device=xc.device)
         _conv_bwd_kernel[grid](
             xc, wc, init if init is not None else xc, dpre, dx, dinit if dinit is not None else dx, dw_part, cu,
-            blk_seq, blk_pos, C, K=K, KP=triton.next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC,
+            blk_seq, blk_pos, C, K=K, KP=next_power_of_2(max(K - 1, 1)), BT=BT, BC=BC,
             HAS_INIT=init is not None)
         if dfinal is not None:  # the final state is the last K-1 inputs: route its gradient to them
             _add_final_state_grad(dx, dinit, dfinal.float(), offsets, K)
@@ -242,6 +242,6 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu"):
         raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
     y = torch.empty_like(x)
     BC = _block_c(C)
-    _conv_update_kernel[(B, triton.cdiv(C, BC))](x.contiguous(), conv_state, weight.contiguous(), y, C, K=K, BC=BC,
+    _conv_update_kernel[(B, cdiv(C, BC))](x.contiguous(), conv_state, weight.contiguous(), y, C, K=K, BC=BC,
                                                  SILU=activation == "silu")
     return y

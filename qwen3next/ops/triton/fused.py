@@ -15,6 +15,7 @@ from ..fused import (
     add_rms_norm_ref, check_gdn_gates_inputs, check_rms_norm_rotary_inputs, check_split_qkvz_inputs, gdn_gates_ref,
     rotary_ref, sigmoid_gate_ref, split_qkvz_ref,
 )
+from . import cdiv, next_power_of_2
 from .norms import rms_norm
 
 
@@ -32,7 +33,7 @@ def _row_view(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def _row_block(D: int) -> tuple[int, int]:
     """(BLOCK_D, rows per program) for rows of D elements."""
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     return block_d, max(1, min(16, 4096 // block_d))
 
 
@@ -69,10 +70,10 @@ def _split_qkvz_kernel(src, mixed, z, n_rows, stride_src, HK: tl.constexpr, DK: 
 def _split_qkvz_launch(src, mixed, z, num_k_heads, dk, vw, merge):
     """src [rows, Hk (2 dk + 2 vw)] (unit column stride) <-> mixed [rows, 2 Hk dk + Hk vw], z [rows, Hk vw]."""
     n = src.shape[0]
-    block_k, block_v = triton.next_power_of_2(dk), triton.next_power_of_2(vw)
+    block_k, block_v = next_power_of_2(dk), next_power_of_2(vw)
     per = max(1, min(32, 4096 // block_v))
     if n:
-        _split_qkvz_kernel[(triton.cdiv(n, per), num_k_heads)](
+        _split_qkvz_kernel[(cdiv(n, per), num_k_heads)](
             src, mixed, z, n, src.stride(0), HK=num_k_heads, DK=dk, VW=vw, BLOCK_K=block_k, BLOCK_V=block_v,
             ROWS=per, MERGE=merge, num_warps=4)
 
@@ -146,10 +147,10 @@ def gdn_gates(ba, A_log, dt_bias, num_k_heads: int, clip_val: float | None = Non
     n = rows.shape[0]
     beta = torch.empty(n, Hv, dtype=torch.float32, device=ba.device)
     g = torch.empty_like(beta)
-    block_h = triton.next_power_of_2(Hv)
+    block_h = next_power_of_2(Hv)
     per = max(1, min(64, 2048 // block_h))
     if n:
-        _gdn_gates_kernel[(triton.cdiv(n, per),)](
+        _gdn_gates_kernel[(cdiv(n, per),)](
             rows, A_log, dt_bias, beta, g, n, rows.stride(0), float(clip_val or 0.0), HV=Hv, R=r,
             BLOCK_H=block_h, ROWS=per, HAS_CLIP=clip_val is not None, num_warps=4)
     shape = (*ba.shape[:-1], Hv)
@@ -186,7 +187,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     y = torch.empty_like(s)
     block_d, per = _row_block(D)
     if xr.shape[0]:
-        _add_rms_norm_kernel[(triton.cdiv(xr.shape[0], per),)](
+        _add_rms_norm_kernel[(cdiv(xr.shape[0], per),)](
             xr, rr, weight, s, y, xr.shape[0], D, eps, BLOCK_D=block_d, ROWS=per,
             num_warps=4 if block_d <= 1024 else 8)
     return s.view(x.shape), y.view(x.shape)
@@ -239,7 +240,7 @@ def _gate_launch(rows: torch.Tensor, gate: torch.Tensor) -> tuple[int, bool]:
     """(BLOCK, BCAST) of the gate kernels for x rows [N, D] and gate rows [N, D or 1]: BCAST when one gate
     serves a row of more than one column."""
     D = rows.shape[1]
-    return min(1024, triton.next_power_of_2(D)), gate.shape[1] == 1 and D > 1
+    return min(1024, next_power_of_2(D)), gate.shape[1] == 1 and D > 1
 
 
 def _sigmoid_gate_forward(x, gate, residual):
@@ -251,7 +252,7 @@ def _sigmoid_gate_forward(x, gate, residual):
     out = torch.empty_like(xr)
     if xr.shape[0]:
         block, bcast = _gate_launch(xr, gr)
-        _sigmoid_gate_kernel[(xr.shape[0], triton.cdiv(D, block))](
+        _sigmoid_gate_kernel[(xr.shape[0], cdiv(D, block))](
             xr, gr, rr, out, D, gr.stride(0), BLOCK=block, BCAST=bcast, HAS_RES=residual is not None, num_warps=4)
     return out, xr, gr
 
@@ -273,7 +274,7 @@ class _SigmoidGate(torch.autograd.Function):
         dx, dgate = torch.empty_like(xr), torch.empty(gr.shape, dtype=gr.dtype, device=gr.device)
         if xr.shape[0]:
             block, bcast = _gate_launch(xr, gr)
-            _sigmoid_gate_bwd_kernel[(xr.shape[0], 1 if bcast else triton.cdiv(D, block))](
+            _sigmoid_gate_bwd_kernel[(xr.shape[0], 1 if bcast else cdiv(D, block))](
                 do, xr, gr, dx, dgate, D, gr.stride(0), BLOCK=block, BCAST=bcast, num_warps=4)
         dres = dout if ctx.needs_input_grad[2] else None
         return dx.view(x_shape), dgate.view(gate_shape), dres
@@ -337,7 +338,7 @@ def rms_norm_rotary(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, si
     y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
     block_d, per = _row_block(D)
     if rows.shape[0]:
-        _rms_norm_rotary_kernel[(triton.cdiv(rows.shape[0], per),)](
+        _rms_norm_rotary_kernel[(cdiv(rows.shape[0], per),)](
             rows, weight, cos, sin, y, rows.shape[0], H, D, R, rows.stride(0), cos.stride(0), eps,
             BLOCK_D=block_d, ROWS=per, num_warps=4)
     return y

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from ..gated_delta import check_gated_delta_inputs, check_pool_update_inputs, chunk_gated_delta_rule_ref
-from . import blocks, dot_precision, num_sms
+from . import blocks, cdiv, dot_precision, next_power_of_2, num_sms
 from .norms import L2, norm_backward
 
 CHUNK = 64
@@ -555,9 +555,9 @@ def _block_v(programs_per_block: int, DV: int, device, choices=(64, 32, 16), wav
     parallelise only over sequences x heads x dv blocks. Measured on an H100 (BENCHMARKS.md): the chunked
     forward at 1 x 65536 runs 6.4 ms with dv blocks of 32 (128 programs), 7.0 with 16 and 7.5 with 64."""
     for bv in choices:
-        if programs_per_block * triton.cdiv(DV, bv) >= waves * num_sms(device):
-            return min(bv, triton.next_power_of_2(DV))
-    return min(choices[-1], triton.next_power_of_2(DV))
+        if programs_per_block * cdiv(DV, bv) >= waves * num_sms(device):
+            return min(bv, next_power_of_2(DV))
+    return min(choices[-1], next_power_of_2(DV))
 
 
 @dataclass(frozen=True)
@@ -593,7 +593,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
-    BK = max(16, triton.next_power_of_2(DK))
+    BK = max(16, next_power_of_2(DK))
     prec = dot_precision(q.dtype)
     tinv = torch.empty(n_tok, HV, CHUNK, dtype=q.dtype, device=q.device)
     if layout.NB:
@@ -605,7 +605,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     if save_states and tuning.train_pre_scores is not None:
         pre_scores = tuning.train_pre_scores
     if pre_scores is None:
-        pre_scores = layout.N * HV * triton.cdiv(DV, BV) < 2 * num_sms(q.device)
+        pre_scores = layout.N * HV * cdiv(DV, BV) < 2 * num_sms(q.device)
     pmat = None
     if pre_scores:
         pmat = torch.empty_like(tinv)
@@ -618,7 +618,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, l2norm, layo
     ht = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if output_final_state else None
     hs = torch.empty(layout.NB, HV, DK, DV, dtype=q.dtype, device=q.device) if save_states else None
     wr = torch.empty(n_tok, HV, DV, dtype=q.dtype, device=q.device) if save_states else None
-    _chunk_fwd_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
+    _chunk_fwd_kernel[(cdiv(DV, BV), HV, layout.N)](
         q, k, v, g, beta, tinv, pmat if pmat is not None else tinv, h0 if h0 is not None else o, o,
         ht if ht is not None else o, hs if hs is not None else o, wr if wr is not None else o, layout.cu,
         layout.first, scale,
@@ -636,14 +636,14 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, wr, do, dht, scale, l2norm
     tuning = tuning or TUNING
     n_tok, HK, DK = q.shape
     HV, DV = v.shape[1:]
-    BK = max(16, triton.next_power_of_2(DK))
+    BK = max(16, next_power_of_2(DK))
     prec = dot_precision(q.dtype)
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(layout.N, HV, DK, DV, dtype=torch.float32, device=q.device) if want_dh0 else None
     y = torch.empty(n_tok, HV, DV, dtype=q.dtype, device=q.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     BV = tuning.block_v or _block_v(layout.N * HV, DV, q.device)
-    _chunk_bwd_state_kernel[(triton.cdiv(DV, BV), HV, layout.N)](
+    _chunk_bwd_state_kernel[(cdiv(DV, BV), HV, layout.N)](
         q, k, g, beta, tinv, pmat if pmat is not None else tinv, do, dht if dht is not None else do,
         dh0 if dh0 is not None else do, dhs, y, dv, layout.cu, layout.first, scale, q.stride(0), k.stride(0),
         HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
@@ -657,7 +657,7 @@ def _chunk_backward(q, k, v, g, beta, tinv, pmat, hs, wr, do, dht, scale, l2norm
         _chunk_bwd_kernel[(layout.NB, HV)](
             q, k, v, g, beta, hs, dhs, do, wr, y, dq, dk, dg, dbeta, layout.cu, layout.seq,
             layout.pos, scale, q.stride(0), k.stride(0), v.stride(0), HK=HK, HV=HV, DK=DK, DV=DV, BK=BK,
-            BV=min(tuning.bwd_block_v, triton.next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
+            BV=min(tuning.bwd_block_v, next_power_of_2(DV)), L2NORM=l2norm, PREC=prec,
             num_warps=tuning.bwd_warps)
     r = HV // HK  # value heads of a group share their key head: their dq/dk are summed
     if l2norm:  # the sum inside the norm's backward kernel, which writes q's dtype
@@ -760,11 +760,11 @@ def _token_rows(x: torch.Tensor) -> torch.Tensor:
 def _recurrent(q, k, v, g, beta, scale, s_in, s_out, idx, cu, l2norm, N):
     B, T, HK, DK = q.shape
     HV, DV = v.shape[2:]
-    BK = max(16, triton.next_power_of_2(DK))
+    BK = max(16, next_power_of_2(DK))
     BV = _block_v(N * HV, DV, q.device, choices=(64, 32, 16, 8), waves=1.0)
     o = torch.empty(B, T, HV, DV, dtype=v.dtype, device=v.device)
     q, k, v = _token_rows(q), _token_rows(k), _token_rows(v)
-    _recurrent_kernel[(triton.cdiv(DV, BV), HV, N)](
+    _recurrent_kernel[(cdiv(DV, BV), HV, N)](
         q, k, v, g.contiguous(), beta.contiguous(),
         s_in if s_in is not None else o, s_out if s_out is not None else o, idx if idx is not None else o,
         o, cu if cu is not None else o, T, scale, q.stride(0), k.stride(0), v.stride(0),

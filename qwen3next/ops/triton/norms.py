@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import num_sms
+from . import cdiv, next_power_of_2, num_sms
 
 L2, RMS, GATED = 0, 1, 2
 
@@ -81,7 +81,7 @@ def _norm_bwd_kernel(x, gate, w, dy, dx, dgate, dw_part, n_rows, D, eps,
 def _config(D: int) -> tuple[int, int]:
     if D > 16384:
         raise ValueError(f"the Triton norms take rows of at most 16384 elements, got {D}")
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     return block_d, max(1, min(16, 2048 // block_d))
 
 
@@ -96,7 +96,7 @@ def norm_forward(mode: int, x: torch.Tensor, gate, weight, eps: float) -> torch.
     block_d, rows = _config(D)
     y = torch.empty_like(xr)
     if n:
-        _norm_fwd_kernel[(triton.cdiv(n, rows),)](
+        _norm_fwd_kernel[(cdiv(n, rows),)](
             xr, _rows(gate) if gate is not None else xr, weight if weight is not None else xr, y, n, D, eps,
             MODE=mode, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 1024 else 8)
     return y.view(x.shape)
@@ -113,7 +113,7 @@ def norm_backward(mode: int, x, gate, weight, dy, eps: float, group: int = 1):
     block_d, rows = _config(D)
     dx = torch.empty_like(xr)
     dgate = torch.empty_like(_rows(gate)) if mode == GATED else None
-    grid = max(1, min(triton.cdiv(n, rows), 4 * num_sms(x.device)))
+    grid = max(1, min(cdiv(n, rows), 4 * num_sms(x.device)))
     dw_part = torch.empty(grid, D, dtype=torch.float32, device=x.device) if mode != L2 else None
     if n:
         _norm_bwd_kernel[(grid,)](
