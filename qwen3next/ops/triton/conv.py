@@ -243,5 +243,5 @@ def causal_conv1d_update(x, conv_state, weight, activation="silu"):
     y = torch.empty_like(x)
     BC = _block_c(C)
     _conv_update_kernel[(B, cdiv(C, BC))](x.contiguous(), conv_state, weight.contiguous(), y, C, K=K, BC=BC,
-                                                 SILU=activation == "silu")
+                                          SILU=activation == "silu")
     return y
