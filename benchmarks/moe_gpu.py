@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from qwen3next import ops
 from qwen3next.ops.moe import moe_experts_grouped, moe_experts_ref, route_ref
-from timing import capture_graph, gpu_idle, host_ms, time_once
+from timing import capture_graph, gpu_idle, host_ms, host_profile, time_once
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 
@@ -377,26 +377,6 @@ def profile(block, shape, device, log, out_dir):
     log("profile of ours, 8192 tokens fwd+bwd, 3 iterations:\n" + table)
     for p in list(block.parameters()) + [x]:
         p.grad = None
-
-
-def host_profile(fn, what, log, reps=30, top=22):
-    """The Python functions where issuing fn() spends its host time (cProfile, own time, the queue drained before
-    each call so that no launch waits for room), through `log`. cProfile slows calls, so read the shares."""
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        prof.enable()
-        fn()
-        prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-    log(f"host profile: {what}, {reps} calls:\n" + "\n".join(
-        line for line in text.getvalue().splitlines() if line.strip() and not line.startswith("   Ordered")))
 
 
 def host_costs(block, shape, device, log, n=8192):

@@ -38,6 +38,26 @@ def host_ms(fn, reps=12, warm=2) -> float:
     return statistics.median(times[warm:])
 
 
+def host_profile(fn, what, log, reps=30, top=22):
+    """The Python functions where issuing fn() spends its host time (cProfile, own time, the queue drained before
+    each call so that no launch waits for room), through `log`. cProfile slows calls, so read the shares."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        prof.enable()
+        fn()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    log(f"host profile: {what}, {reps} calls:\n" + "\n".join(
+        line for line in text.getvalue().splitlines() if line.strip() and not line.startswith("   Ordered")))
+
+
 def capture_graph(fn) -> "torch.cuda.CUDAGraph":
     """fn() captured in a CUDA graph, after one warm-up call on a side stream (compiles kernels, creates
     handles: none of it in the graph)."""

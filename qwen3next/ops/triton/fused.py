@@ -19,9 +19,14 @@ from . import cdiv, next_power_of_2
 from .norms import rms_norm
 
 
+def _wants_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of `tensors` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _reference_needed(*tensors) -> bool:
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return grad or any(t is not None and t.dtype == torch.float64 for t in tensors)
+    """The inference-only kernels' fallback: under autograd, or for fp64."""
+    return _wants_grad(*tensors) or any(t is not None and t.dtype == torch.float64 for t in tensors)
 
 
 def _row_view(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -109,7 +114,7 @@ def split_qkvz(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_k_di
     check_split_qkvz_inputs(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
     if qkvz.dtype == torch.float64:
         return split_qkvz_ref(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
-    if torch.is_grad_enabled() and qkvz.requires_grad:
+    if _wants_grad(qkvz):
         return _SplitQKVZ.apply(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
     return _split_qkvz_forward(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
 
@@ -289,7 +294,7 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | N
     dtypes = {x.dtype, gate.dtype} | ({residual.dtype} if residual is not None else set())
     if torch.float64 in dtypes or len(dtypes) > 1:
         return sigmoid_gate_ref(x, gate, residual)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, gate, residual)):
+    if _wants_grad(x, gate, residual):
         return _SigmoidGate.apply(x, gate, residual)
     return _sigmoid_gate_forward(x, gate, residual)[0].view(x.shape)
 
