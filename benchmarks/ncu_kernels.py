@@ -18,6 +18,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from gdn_gpu import D as HEAD_DIM, HK, HV, gdn_inputs
 from moe_gpu import make_block, our_block
 from qwen3next import ops
 from qwen3next.ops.triton import gated_delta as tgd
@@ -42,14 +43,9 @@ def moe_step(device):
     return step
 
 
-def gdn_step(device, B=1, T=16384):
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k = (torch.randn(B, T, 16, 128, device=device, generator=gen).bfloat16() for _ in range(2))
-    v = torch.randn(B, T, 32, 128, device=device, generator=gen).bfloat16()
-    g = F.logsigmoid(torch.randn(B, T, 32, device=device, generator=gen) + 3.0)
-    beta = torch.rand(B, T, 32, device=device, generator=gen)
-    ins = [t.requires_grad_() for t in (q, k, v, g, beta)]
-    do = torch.randn_like(v)
+def gdn_step(B=1, T=16384):
+    ins = gdn_inputs(B, T, HK, HV, HEAD_DIM, torch.bfloat16, seed=0, requires_grad=True)
+    do = torch.randn_like(ins[2])
 
     def step():
         with torch.no_grad():
@@ -66,7 +62,7 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
-    step = moe_step(device) if args.what == "moe" else gdn_step(device)
+    step = moe_step(device) if args.what == "moe" else gdn_step()
     for _ in range(2):
         step()
     torch.cuda.synchronize()
