@@ -285,12 +285,13 @@ def sweep(shape, device, log, n=8192):
     order, ends = moe._sort_by_expert(ids, E)
     act, h, rows = x.new_empty(M, I), x.new_empty(M, 2 * I), x.new_empty(M, D)
     gu, dn = gate_up.stride(), down.stride()
-    order_ends = torch.empty(M, device=device, dtype=torch.int64), torch.empty(E, device=device, dtype=torch.int32)
-    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):
-        ms = do_bench(lambda: moe._sort_by_expert_kernel[(E,)](ids, *order_ends, M, BLOCK=block, num_warps=warps))
-        log(f"sort kernel, {M} pairs, block {block}, {warps} warps: {ms:.3f} ms GPU (back-to-back launches)")
-    log(f"sort kernel as run: {do_bench(lambda: moe._sort_by_expert(ids, E)):.3f}, torch.sort path "
-        f"{do_bench(lambda: sort_by_expert(ids, E)):.3f} ms GPU (back-to-back)")
+    as_run = moe.SORT_BLOCK
+    for block in (1024, 2048, 4096, 8192):
+        moe.SORT_BLOCK = block
+        log(f"expert sort, {M} pairs, blocks of {block}: {do_bench(lambda: moe._sort_by_expert(ids, E)):.3f} ms GPU "
+            "(back-to-back launches)")
+    moe.SORT_BLOCK = as_run
+    log(f"torch.sort path {do_bench(lambda: sort_by_expert(ids, E)):.3f} ms GPU (back-to-back)")
     log(f"k-sum torch {timer(lambda: rows.view(n, k, D).sum(1), device):.3f} ms, "
         f"ours {timer(lambda: moe._slot_sum(rows, k), device):.3f} ms")
     cfg = lambda bm, bn, bk, w, s, tails=0, desc=True: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,  # noqa: E731
@@ -416,10 +417,8 @@ def host_costs(block, shape, device, log, n=8192):
             f"CUDA graph replay {timer(graph.replay, device):.3f} ms (GPU time)")
     xg, dout = x.clone().requires_grad_(True), torch.randn_like(x)
     params = list(block.parameters()) + [xg]
-    cap, as_run_step = moe.SORT_KERNEL_MAX_PAIRS, None
-    for label, variant in (("as run", fwd), ("shared expert first", our_block(block, ops.moe_experts, True)),
-                           ("torch.sort for the expert order", fwd)):
-        moe.SORT_KERNEL_MAX_PAIRS = 0 if "sort" in label else cap
+    as_run_step = None
+    for label, variant in (("as run", fwd), ("shared expert first", our_block(block, ops.moe_experts, True))):
         with torch.no_grad():
             t_fwd = timer(lambda: variant(x), device)
 
@@ -431,7 +430,6 @@ def host_costs(block, shape, device, log, n=8192):
         as_run_step = as_run_step or step
 
         log(f"{n} tokens, {label}: fwd {t_fwd:.3f} ms, fwd+bwd {timer(step, device):.3f} ms")
-    moe.SORT_KERNEL_MAX_PAIRS = cap
     log(f"host: {n} tokens fwd+bwd: {host_ms(as_run_step):.3f} ms to issue")
     try:  # the same work's GPU time: gradients by autograd.grad (no .grad state), replayed from a graph
         graph = capture_graph(lambda: torch.autograd.grad(fwd(xg), params, dout))

@@ -6,8 +6,8 @@ experts gate_up [E, 2I, D] (gate rows, then up rows) and down [E, D, I], and M =
   route    logits [N, E] -> weights [N, k], ids [N, k]: one kernel (softmax in fp32, k rounds of argmax,
            renormalisation).
   sort     ids -> order [M] (the flat pair index n*k + s of each row once sorted by expert) and ends [E]
-           (cumulative rows per expert): one kernel, a program per expert, stable, no host sync (torch.sort
-           beyond 131072 pairs).
+           (cumulative rows per expert): a counting sort in two kernels, stable, no host sync (torch.sort
+           beyond 262144 pairs).
   gate/up  act[r] = silu(x[t] . Wg[e]) * (x[t] . Wu[e]) for sorted row r = (token t, expert e): a grouped
            GEMM whose A rows are gathered from x, SiLU-times-up fused into its epilogue.
   down     Y[order[r]] = w[order[r]] * (act[r] . Wd[e]): a grouped GEMM with the routing weight applied
@@ -154,40 +154,71 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
 
 
 @triton.jit
-def _sort_by_expert_kernel(ids, order, ends, M, BLOCK: tl.constexpr):
-    """Program e: start = number of pairs routed to experts < e; then order[start + j] = flat index of the
-    j-th pair (in (token, slot) order) routed to e; ends[e] = start + that count. Stable, no atomics."""
-    e = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    below = tl.zeros([BLOCK], dtype=tl.int32)
-    for m0 in range(0, M, BLOCK):
-        v = tl.load(ids + m0 + offs, mask=m0 + offs < M, other=e)
-        below += (v < e).to(tl.int32)
-    pos = tl.sum(below, 0)
-    for m0 in range(0, M, BLOCK):
-        idx = m0 + offs
-        hit = (tl.load(ids + idx, mask=idx < M, other=-1) == e).to(tl.int32)
-        tl.store(order + pos + tl.cumsum(hit, 0) - 1, idx.to(tl.int64), mask=hit > 0)
-        pos += tl.sum(hit, 0)
-    tl.store(ends + e, pos)
+def _expert_counts_kernel(ids, counts, M, E, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """counts[b, e] = pairs routed to expert e among pairs b*BLOCK .. (b+1)*BLOCK (BINS > E: a bin for padding)."""
+    b = tl.program_id(0)
+    idx = b * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(ids + idx, mask=idx < M, other=E).to(tl.int32)
+    hist = tl.histogram(v, BINS)
+    bins = tl.arange(0, BINS)
+    tl.store(counts + b * E + bins, hist, mask=bins < E)
 
 
-SORT_KERNEL_MAX_PAIRS = 131072  # beyond, torch.sort (every program of ours scans all the pairs)
+@triton.jit
+def _expert_scatter_kernel(ids, counts, offsets, order, ends, M, E, NB, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """Block b of the pairs: each pair's place once sorted by expert, stably, from the counts of every block:
+    start of expert e + pairs of e in earlier blocks + the pair's rank among its block's pairs of e (a sort of
+    the block's (expert, index) keys). offsets [NB, E] is scratch; program 0 also writes ends."""
+    b = tl.program_id(0)
+    bins = tl.arange(0, BINS)
+    bmask = bins < E
+    total = tl.zeros([BINS], dtype=tl.int32)
+    before = tl.zeros([BINS], dtype=tl.int32)
+    for j in range(0, NB):
+        c = tl.load(counts + j * E + bins, mask=bmask, other=0)
+        total += c
+        before += tl.where(j < b, c, 0)
+    mine = tl.load(counts + b * E + bins, mask=bmask, other=0)
+    start = tl.cumsum(total, 0) - total
+    if b == 0:
+        tl.store(ends + bins, start + total, mask=bmask)
+    # sorted position p of a pair of expert e: its block rank r plus the block's pairs of experts < e
+    tl.store(offsets + b * E + bins, start + before - (tl.cumsum(mine, 0) - mine), mask=bmask)
+    tl.debug_barrier()
+    local = tl.arange(0, BLOCK)
+    idx = b * BLOCK + local
+    v = tl.load(ids + idx, mask=idx < M, other=E).to(tl.int32)
+    keys = tl.sort(v * BLOCK + local)  # unique keys: stable within an expert
+    e = keys // BLOCK
+    src = b * BLOCK + keys % BLOCK
+    dest = tl.load(offsets + b * E + e, mask=e < E, other=0) + local
+    tl.store(order + dest, src.to(tl.int64), mask=e < E)
+
+
+SORT_BLOCK = 1024  # pairs a program of the expert sort takes: 26 us at 81920 pairs on an H100 (2048: 36, 4096: 104)
+SORT_KERNEL_MAX_PAIRS = 262144  # beyond, torch.sort: every block of ours reads all blocks' counts (quadratic)
 
 
 def _sort_by_expert(ids: torch.Tensor, num_experts: int):
-    """`qwen3next.ops.moe.sort_by_expert`: one launch of our kernel for up to SORT_KERNEL_MAX_PAIRS pairs,
-    torch.sort beyond. On an H100 in CUDA-graph GPU time ours took 5.8 against 26 us at 32 tokens x 10
-    slots over 512 experts, 117 against 54 us at 8192 tokens; but the torch.sort path is five ops to launch,
-    and on an H200 the eager 8192-token block forward took 1.98 ms with our kernel against 2.40 with it
-    (benchmarks/moe_gpu.py host)."""
+    """`qwen3next.ops.moe.sort_by_expert` (the same order and ends: stable) as a counting sort in two launches,
+    no host sync: each block of SORT_BLOCK pairs counts its experts; then each block places its pairs from all
+    blocks' counts. (It replaced one kernel with a program per expert that scanned every pair, 117-146 us at
+    8192 tokens x 10 slots over 512 experts on an H100, compute-bound on its scans; torch.sort's path takes 77.)
+    Beyond SORT_KERNEL_MAX_PAIRS pairs, torch.sort."""
     M = ids.numel()
     if M > SORT_KERNEL_MAX_PAIRS:
         return sort_by_expert(ids, num_experts)
     order = torch.empty(M, device=ids.device, dtype=torch.int64)
     ends = torch.empty(num_experts, device=ids.device, dtype=torch.int32)
-    _sort_by_expert_kernel[(num_experts,)](ids.contiguous(), order, ends, M,
-                                           BLOCK=min(2048, next_power_of_2(max(M, 16))), num_warps=4)
+    block = min(SORT_BLOCK, next_power_of_2(max(M, 16)))
+    nb = max(cdiv(M, block), 1)
+    bins = next_power_of_2(num_experts + 1)
+    counts = torch.empty(nb, num_experts, device=ids.device, dtype=torch.int32)
+    offsets = torch.empty_like(counts)
+    flat = ids.contiguous().view(-1)
+    _expert_counts_kernel[(nb,)](flat, counts, M, num_experts, BLOCK=block, BINS=bins, num_warps=4)
+    _expert_scatter_kernel[(nb,)](flat, counts, offsets, order, ends, M, num_experts, nb, BLOCK=block, BINS=bins,
+                                  num_warps=8)
     return order, ends
 
 
