@@ -245,7 +245,7 @@ def bench_variant(name, args, device, dtype, log):
         except Exception as exc:  # report and go on with ours
             log(f"transformers model not built: {type(exc).__name__}: {exc}")
     lengths = [int(x) for x in args.prefill.split(",")]
-    batches = [int(x) for x in args.batches.split(",")]
+    batches = [int(x) for x in args.batches.split(",") if x]  # "" for none
 
     # agreement on the same weights: ours in 3 chunks vs ours in one piece gives the spread that low
     # precision alone causes (random routers: bf16 rounding flips near-tied expert choices)

@@ -116,7 +116,8 @@ class GatedDeltaNet(nn.Module):
 
     def split_projections(self, qkvz: torch.Tensor):
         """The fused projection qkvz [B, T, Hk * (2 dk + 2 r dv)] (grouped per key head) -> (the conv's input
-        [B, T, 2 Hk dk + Hv dv]: all q, then all k, then all v channels; z [B, T, Hv, dv]): `ops.split_qkvz`.
+        [B, T, 2 Hk dk + Hv dv]: all q, then all k, then all v channels; z [B, T, Hv, dv]): `ops.split_qkvz`,
+        for a decode step (over a prompt, `ops.qkvz_causal_conv1d` splits and convolves at once).
         (in_proj_ba's output goes to `gates`.)"""
         return self.ops.split_qkvz(qkvz, self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim)
 
@@ -142,15 +143,17 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         if token_mask is not None:
             x = x * token_mask[..., None].to(x.dtype)
-        mixed, z = self.split_projections(self.in_proj_qkvz(x))
+        qkvz = self.in_proj_qkvz(x)
         weight = self.conv1d.weight.squeeze(1)  # [C, K]
         conv_state = cache.conv_state if cache is not None and cache.filled else None
         recurrent_state = cache.recurrent_state if cache is not None and cache.filled else None
         if cache is not None and T == 1 and conv_state is not None:
+            mixed, z = self.split_projections(qkvz)
             mixed = self.ops.causal_conv1d_update(mixed[:, 0], conv_state, weight).unsqueeze(1)
-        else:
-            mixed, new_conv_state = self.ops.causal_conv1d(
-                mixed, weight, initial_state=conv_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens
+        else:  # z [B, T, Hk, r, dv]: on the GPU a view of qkvz, the conv reading q, k, v from it in place
+            mixed, z, new_conv_state = self.ops.qkvz_causal_conv1d(
+                qkvz, weight, self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim,
+                initial_state=conv_state, output_final_state=cache is not None, cu_seqlens=cu_seqlens,
             )
             if cache is not None:
                 cache.conv_state.copy_(new_conv_state)
@@ -166,7 +169,7 @@ class GatedDeltaNet(nn.Module):
         if cache is not None:
             cache.recurrent_state.copy_(final_state)
             cache.filled = True
-        o = self.norm(o, z)
+        o = self.norm(o.reshape(z.shape), z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
     def decode_step(self, x, cache, state_indices):

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from qwen3next.ops.fused import add_rms_norm_ref, gdn_gates_ref, rms_norm_rotary_ref, sigmoid_gate_ref, split_qkvz_ref
+from qwen3next.ops.fused import (
+    add_rms_norm_ref, gdn_gates_ref, qkvz_causal_conv1d_ref, rms_norm_rotary_ref, sigmoid_gate_ref, split_qkvz_ref,
+)
+from qwen3next.ops.norms import gated_rms_norm_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -77,6 +80,62 @@ def test_split_qkvz_kernel_and_gradient(dtype, lead, Hk, r, dk, dv, strided):
     for got, ungraded, want in zip(results[0], plain + (None,), results[1]):
         assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
         assert ungraded is None or torch.equal(ungraded, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,Hk,r,dk,dv,cu", [
+    (1, 65, 2, 2, 16, 16, None), (2, 63, 3, 1, 8, 24, None), (1, 1, 2, 2, 32, 16, None), (2, 64, 1, 2, 16, 8, None),
+    (1, 70, 2, 2, 16, 16, [0, 5, 5, 64, 70]),
+])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_qkvz_causal_conv1d_reads_the_projection_in_place(dtype, B, T, Hk, r, dk, dv, cu, with_state):
+    """The conv over qkvz's q, k, v columns (read in place, z a view of qkvz) equals the split then the conv, in
+    outputs, z and final state; under autograd (the split and the conv kernels) in gradients too."""
+    fused = _triton()
+    W, C = Hk * (2 * dk + 2 * r * dv), Hk * (2 * dk + r * dv)
+    g = torch.Generator().manual_seed(T * W + with_state)
+    qkvz = torch.randn(B, T, W, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(C, 4, generator=g) / 2).to(DEVICE, dtype)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=DEVICE) if cu is not None else None
+    N = B if cu is None else len(cu) - 1
+    state = torch.randn(N, C, 3, generator=g).to(DEVICE, dtype) if with_state else None
+    args = (qkvz, weight, Hk, Hk * r, dk, dv)
+    kwargs = dict(initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+    want = qkvz_causal_conv1d_ref(*args, **kwargs)
+    got = fused.qkvz_causal_conv1d(*args, **kwargs)
+    assert got[1].data_ptr() >= qkvz.data_ptr() and got[1].shape == (B, T, Hk, r, dv)  # a view, not a copy
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and not a.isnan().any()
+        assert rel_err(a, b) < _tol(dtype)
+    grads = []
+    for fn in (fused.qkvz_causal_conv1d, qkvz_causal_conv1d_ref):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (qkvz, weight)]
+        y, z, final = fn(*leaves, Hk, Hk * r, dk, dv, **kwargs)
+        gen = torch.Generator().manual_seed(1)
+        loss = sum((t.float() * torch.randn(t.shape, generator=gen).to(DEVICE)).sum() for t in (y, z, final))
+        grads.append(torch.autograd.grad(loss, leaves))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < _tol(dtype) and not a.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_rms_norm_reads_a_strided_gate(dtype):
+    """The gated RMSNorm's gate as a view of the projection it comes from ([B, T, Hk, r, dv] inside rows of qkvz),
+    and with its rows stepping in another order (batch inside time): the same as with a contiguous gate."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    _triton()
+    from qwen3next.ops.triton import norms
+
+    g = torch.Generator().manual_seed(3)
+    B, T, Hk, r, dv = 2, 37, 3, 2, 16
+    qkvz = torch.randn(B, T, Hk, 4 * r * dv, generator=g).to(DEVICE, dtype)
+    z = qkvz[..., 3 * r * dv:].unflatten(-1, (r, dv))
+    x = torch.randn(B, T, Hk, r, dv, generator=g).to(DEVICE, dtype)
+    w = torch.randn(dv, generator=g).to(DEVICE, dtype)
+    want = gated_rms_norm_ref(x, z.contiguous(), w)
+    assert rel_err(norms.gated_rms_norm(x, z, w), want) < _tol(dtype)
+    zt = z.transpose(0, 1).contiguous().transpose(0, 1)  # B and T in the wrong order: no 3-dim row view
+    assert rel_err(norms.gated_rms_norm(x, zt, w), want) < _tol(dtype)
 
 
 @pytest.mark.parametrize("Hk,r", [(2, 2), (3, 1), (1, 5)])

@@ -189,7 +189,8 @@ def cp_causal_conv1d(conv, cp: CPRuntime, x, weight, initial_state=None, output_
 
 class ContextParallelOps:
     """`qwen3next.ops` as a Gated DeltaNet layer sees it under cp (its `ops` attribute): the causal conv
-    and the gated delta rule replaced by their context-parallel forms, every other op the same."""
+    (alone and after the qkvz split) and the gated delta rule replaced by their context-parallel forms, every
+    other op the same."""
 
     def __init__(self, cp: CPRuntime):
         self.cp = cp
@@ -199,6 +200,12 @@ class ContextParallelOps:
 
     def causal_conv1d(self, *args, **kwargs):
         return cp_causal_conv1d(ops.causal_conv1d, self.cp, *args, **kwargs)
+
+    def qkvz_causal_conv1d(self, qkvz, weight, num_k_heads, num_v_heads, head_k_dim, head_v_dim, **kwargs):
+        """The split, then the context-parallel conv (which exchanges q, k, v columns, not the projection's)."""
+        mixed, z = ops.split_qkvz(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+        y, final = self.causal_conv1d(mixed, weight, **kwargs)
+        return y, z.unflatten(-2, (num_k_heads, num_v_heads // num_k_heads)), final
 
     def chunk_gated_delta_rule(self, *args, **kwargs):
         return cp_gated_delta_rule(ops.chunk_gated_delta_rule, self.cp, *args, **kwargs)

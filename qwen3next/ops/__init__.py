@@ -16,7 +16,8 @@ import torch
 
 from .conv import causal_conv1d_ref, causal_conv1d_update_ref
 from .fused import (
-    add_rms_norm_ref, gdn_gates_ref, rms_norm_rotary_ref, rotary_ref, sigmoid_gate_ref, split_qkvz_ref,
+    add_rms_norm_ref, gdn_gates_ref, qkvz_causal_conv1d_ref, rms_norm_rotary_ref, rotary_ref, sigmoid_gate_ref,
+    split_qkvz_ref,
 )
 from .gated_delta import (
     chunk_gated_delta_rule_ref, recurrent_gated_delta_rule_ref, recurrent_gated_delta_rule_update_ref,
@@ -39,6 +40,7 @@ _TRITON_KERNELS: dict[str, str] = {
     "route": ".triton.moe:route",
     "moe_experts": ".triton.moe:moe_experts",
     "split_qkvz": ".triton.fused:split_qkvz",
+    "qkvz_causal_conv1d": ".triton.fused:qkvz_causal_conv1d",
     "gdn_gates": ".triton.fused:gdn_gates",
     "add_rms_norm": ".triton.fused:add_rms_norm",
     "sigmoid_gate": ".triton.fused:sigmoid_gate",
@@ -89,6 +91,7 @@ route = _dispatch("route", route_ref)
 moe_experts = _dispatch("moe_experts", moe_experts_grouped)  # torch backend: sort-based, grouped products
 load_balancing_loss = load_balancing_loss_ref
 split_qkvz = _dispatch("split_qkvz", split_qkvz_ref)
+qkvz_causal_conv1d = _dispatch("qkvz_causal_conv1d", qkvz_causal_conv1d_ref)
 gdn_gates = _dispatch("gdn_gates", gdn_gates_ref)
 add_rms_norm = _dispatch("add_rms_norm", add_rms_norm_ref)
 sigmoid_gate = _dispatch("sigmoid_gate", sigmoid_gate_ref)
@@ -97,10 +100,10 @@ rms_norm_rotary = _dispatch("rms_norm_rotary", rms_norm_rotary_ref)
 __all__ = [
     "backend_for", "rms_norm", "gated_rms_norm", "l2_norm", "causal_conv1d", "causal_conv1d_update",
     "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "recurrent_gated_delta_rule_update",
-    "route", "moe_experts", "load_balancing_loss", "split_qkvz", "gdn_gates", "add_rms_norm", "sigmoid_gate",
-    "rms_norm_rotary",
+    "route", "moe_experts", "load_balancing_loss", "split_qkvz", "qkvz_causal_conv1d", "gdn_gates", "add_rms_norm",
+    "sigmoid_gate", "rms_norm_rotary",
     "rms_norm_ref", "gated_rms_norm_ref", "l2_norm_ref", "causal_conv1d_ref", "causal_conv1d_update_ref",
     "chunk_gated_delta_rule_ref", "recurrent_gated_delta_rule_ref", "recurrent_gated_delta_rule_update_ref",
-    "route_ref", "moe_experts_ref", "split_qkvz_ref", "gdn_gates_ref", "add_rms_norm_ref", "sigmoid_gate_ref",
-    "rms_norm_rotary_ref", "rotary_ref", "load_balancing_loss_ref",
+    "route_ref", "moe_experts_ref", "split_qkvz_ref", "qkvz_causal_conv1d_ref", "gdn_gates_ref", "add_rms_norm_ref",
+    "sigmoid_gate_ref", "rms_norm_rotary_ref", "rotary_ref", "load_balancing_loss_ref",
 ]

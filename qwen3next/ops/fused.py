@@ -3,6 +3,7 @@
 Each one replaces several small launches in a decode step (see `benchmarks/e2e_gpu.py --profile`):
   split_qkvz    the Gated DeltaNet layer's `in_proj_qkvz` output (grouped per key head) into the conv's input
                 and z: four strided copies, which in prefill move the projection's whole output
+  qkvz_causal_conv1d  that split and the causal conv after it, the conv reading q, k, v in place (no copy)
   gdn_gates     the Gated DeltaNet layer's write strength and decay from its `in_proj_ba` output
   add_rms_norm  the residual add and the zero-centred RMSNorm after it
   sigmoid_gate  x * sigmoid(gate) (+ residual): attention's output gate, the shared expert's gate
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .conv import causal_conv1d_ref
 from .norms import rms_norm_ref
 
 
@@ -42,6 +44,19 @@ def split_qkvz_ref(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_
         mixed[..., start:start + width].view(part.shape).copy_(part)
         start += width
     return mixed, z.reshape(*lead, num_v_heads, dv)
+
+
+def qkvz_causal_conv1d_ref(qkvz: torch.Tensor, weight: torch.Tensor, num_k_heads: int, num_v_heads: int,
+                           head_k_dim: int, head_v_dim: int, initial_state: torch.Tensor | None = None,
+                           output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
+                           activation: str | None = "silu"):
+    """The Gated DeltaNet layer's conv straight from its fused projection qkvz [B, T, Hk (2 dk + 2 r dv)]:
+    `split_qkvz_ref`, then `causal_conv1d_ref` over the q, k, v channels (weight [C, K], C = 2 Hk dk + Hv dv;
+    the state and packing arguments as there). Returns (y [B, T, C], z [B, T, Hk, r, dv], final state or None);
+    z is a view of qkvz where a kernel does the conv (here a copy)."""
+    mixed, z = split_qkvz_ref(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+    y, final = causal_conv1d_ref(mixed, weight, initial_state, output_final_state, cu_seqlens, activation)
+    return y, z.unflatten(-2, (num_k_heads, num_v_heads // num_k_heads)), final
 
 
 def check_gdn_gates_inputs(ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, num_k_heads: int) -> int:

@@ -16,6 +16,7 @@ from ..fused import (
     rotary_ref, sigmoid_gate_ref, split_qkvz_ref,
 )
 from . import cdiv, next_power_of_2
+from . import conv
 from .norms import rms_norm
 
 
@@ -117,6 +118,28 @@ def split_qkvz(qkvz: torch.Tensor, num_k_heads: int, num_v_heads: int, head_k_di
     if _wants_grad(qkvz):
         return _SplitQKVZ.apply(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
     return _split_qkvz_forward(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+
+
+def qkvz_causal_conv1d(qkvz: torch.Tensor, weight: torch.Tensor, num_k_heads: int, num_v_heads: int,
+                       head_k_dim: int, head_v_dim: int, initial_state=None, output_final_state: bool = False,
+                       cu_seqlens=None, activation="silu"):
+    """Triton `qkvz_causal_conv1d_ref`: without gradients one conv launch that reads the q, k, v columns of qkvz
+    in place, and z a view of qkvz (nothing copied); under autograd (or fp64) `split_qkvz`, then `causal_conv1d`."""
+    r = check_split_qkvz_inputs(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+    if qkvz.dim() != 3:
+        raise ValueError(f"qkvz must be [B, T, width]; got {tuple(qkvz.shape)}")
+    if qkvz.dtype == torch.float64 or _wants_grad(qkvz, weight, initial_state):
+        mixed, z = split_qkvz(qkvz, num_k_heads, num_v_heads, head_k_dim, head_v_dim)
+        y, final = conv.causal_conv1d(mixed, weight, initial_state, output_final_state, cu_seqlens, activation)
+        return y, z.unflatten(-2, (num_k_heads, r)), final
+    B, T, width = qkvz.shape
+    dk, vw = head_k_dim, r * head_v_dim
+    conv.check_conv_inputs(B, T, num_k_heads * (2 * dk + vw), weight, initial_state, cu_seqlens, activation)
+    y, final, _ = conv._conv_forward(qkvz, weight, initial_state, output_final_state, cu_seqlens,
+                                     activation == "silu", qkvz_heads=(num_k_heads, dk, vw),
+                                     block_t=conv.INFERENCE_BT)
+    z = qkvz.unflatten(-1, (num_k_heads, 2 * dk + 2 * vw))[..., 2 * dk + vw:].unflatten(-1, (r, head_v_dim))
+    return y, z, final
 
 
 # ---------------------------------------------------------------------------------------------------- gates

@@ -18,7 +18,9 @@ L2, RMS, GATED = 0, 1, 2
 
 
 @triton.jit
-def _norm_fwd_kernel(x, gate, w, y, n_rows, D, eps, MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+def _norm_fwd_kernel(x, gate, w, y, n_rows, D, eps, gate_n1, gate_n2, gate_s0, gate_s1, gate_s2,
+                     MODE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """ROWS rows of x [n_rows, D] (contiguous); the gate's row i0 * n1 n2 + i1 n2 + i2 at i0 s0 + i1 s1 + i2 s2."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < n_rows)[:, None] & (cols < D)[None, :]
@@ -32,7 +34,9 @@ def _norm_fwd_kernel(x, gate, w, y, n_rows, D, eps, MODE: tl.constexpr, BLOCK_D:
         if MODE == 1:
             out = xh * (1.0 + wf)[None, :]
         else:
-            z = tl.load(gate + offs, mask=mask, other=0.0).to(tl.float32)
+            i12 = rows // gate_n2
+            g_rows = (i12 // gate_n1) * gate_s0 + (i12 % gate_n1) * gate_s1 + (rows % gate_n2) * gate_s2
+            z = tl.load(gate + g_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             out = xh * wf[None, :] * z * tl.sigmoid(z)
     tl.store(y + offs, out.to(y.dtype.element_ty), mask=mask)
 
@@ -89,15 +93,36 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view(-1, x.shape[-1])
 
 
+def _gate_rows(gate: torch.Tensor):
+    """The gate as rows of D with unit column stride whose leading dims collapse into at most three, [n0, n1, n2]
+    with strides (s0, s1, s2) (e.g. z as a view of the projection it comes from), else a contiguous copy:
+    (tensor, n1, n2, s0, s1, s2)."""
+    dims = []  # [size, stride], merged where the outer dim steps over the inner one exactly
+    for size, stride in zip(gate.shape[:-1], gate.stride()[:-1]):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * stride:
+            dims[-1] = [dims[-1][0] * size, stride]
+        else:
+            dims.append([size, stride])
+    if gate.stride(-1) != 1 or len(dims) > 3:
+        gate = gate.contiguous()
+        dims = [[gate.numel() // gate.shape[-1], gate.shape[-1]]]
+    dims = [[1, 0]] * (3 - len(dims)) + dims
+    return gate, dims[1][0], dims[2][0], dims[0][1], dims[1][1], dims[2][1]
+
+
 def norm_forward(mode: int, x: torch.Tensor, gate, weight, eps: float) -> torch.Tensor:
-    """Launch the forward kernel; x [..., D] (gate like x, weight [D] where the mode uses them)."""
+    """Launch the forward kernel; x [..., D] (gate of x's shape, any strides: see `_gate_rows`; weight [D]
+    where the mode uses them)."""
     xr = _rows(x)
     n, D = xr.shape
     block_d, rows = _config(D)
     y = torch.empty_like(xr)
+    gate, n1, n2, s0, s1, s2 = _gate_rows(gate) if gate is not None else (xr, 1, 1, D, 0, 0)
     if n:
         _norm_fwd_kernel[(cdiv(n, rows),)](
-            xr, _rows(gate) if gate is not None else xr, weight if weight is not None else xr, y, n, D, eps,
+            xr, gate, weight if weight is not None else xr, y, n, D, eps, n1, n2, s0, s1, s2,
             MODE=mode, BLOCK_D=block_d, ROWS=rows, num_warps=4 if block_d <= 1024 else 8)
     return y.view(x.shape)
 
