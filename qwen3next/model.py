@@ -334,33 +334,45 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, ctx: "_ForwardContext", cache=None):
-        h = self.input_layernorm(x)
+    def forward(self, x, ctx: "_ForwardContext", cache=None, pending=None):
+        """The residual stream is x + pending [B, T, D] (pending: the previous layer's FFN output, None at the
+        first layer), its add fused into this layer's first norm. Returns (the stream before this layer's FFN
+        output, that output, the router logits or None): the caller adds the two, or hands them on."""
+        x, h = self.norm_input(x, pending)
         if self.layer_type == LINEAR:
             h = self.linear_attn(h, ctx.token_mask, cache, ctx.cu_seqlens)
         else:
             h = self.self_attn(h, ctx.cos, ctx.sin, ctx.attn_mask, cache)
         return self.ffn(x, h)
 
-    def decode_step(self, x, step: "DecodeInputs", cache):
-        """The graph-safe one-token step (see `GatedDeltaNet.decode_step`, `GatedAttention.decode_step`)."""
-        h = self.input_layernorm(x)
+    def decode_step(self, x, step: "DecodeInputs", cache, pending=None):
+        """The graph-safe one-token step (see `GatedDeltaNet.decode_step`, `GatedAttention.decode_step`);
+        x, pending and the result as in `forward`, less the router logits."""
+        x, h = self.norm_input(x, pending)
         if self.layer_type == LINEAR:
             h = self.linear_attn.decode_step(h, cache, step.state_indices)
         else:
             h = self.self_attn.decode_step(h, step.cos, step.sin, cache, step.slot, step.key_mask)
-        return self.ffn(x, h)[0]
+        return self.ffn(x, h)[:2]
+
+    def norm_input(self, x, pending):
+        """(s, input_layernorm(s)) with s = x + pending (x alone when pending is None): one fused op."""
+        if pending is None:
+            return x, self.input_layernorm(x)
+        norm = self.input_layernorm
+        return ops.add_rms_norm(x, pending, norm.weight, norm.eps)
 
     def ffn(self, x, h):
-        """With s = x + h (the mixer's output added to the residual stream): s + FFN(post_attention_layernorm(s))
-        and the router logits (None for a dense MLP). The add and the norm are one fused op."""
+        """With s = x + h (the mixer's output added to the residual stream): (s, FFN(post_attention_layernorm(s)),
+        the router logits or None for a dense MLP); the add and the norm are one fused op, and the FFN's
+        output is left for the next layer's first norm to add."""
         norm = self.post_attention_layernorm
         x, h = ops.add_rms_norm(x, h, norm.weight, norm.eps)
         h = self.mlp(h)
         router_logits = None
         if self.is_moe:
             h, router_logits = h
-        return x + h, router_logits
+        return x, h, router_logits
 
 
 @dataclass
@@ -410,14 +422,14 @@ class Qwen3NextModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         ctx = _ForwardContext(cos, sin, attn_mask, token_mask, cu_seqlens)
-        router_logits = []
+        router_logits, pending = [], None
         for i, layer in enumerate(self.layers):
-            x, logits = layer(x, ctx, cache.layers[i] if cache is not None else None)
+            x, pending, logits = layer(x, ctx, cache.layers[i] if cache is not None else None, pending)
             if logits is not None:
                 router_logits.append(logits)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x), router_logits
+        return self.norm(x + pending), router_logits
 
     def decode_step(self, input_ids, position_ids, cache, slot, key_mask, state_indices):
         """One token per row, graph-safe (static shapes, no host synchronisation, cache updated in place).
@@ -430,9 +442,10 @@ class Qwen3NextModel(nn.Module):
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         key_mask.index_fill_(1, slot, True)
         step = DecodeInputs(cos, sin, slot, key_mask, state_indices)
+        pending = None
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer.decode_step(x, step, layer_cache)
-        return self.norm(x)
+            x, pending = layer.decode_step(x, step, layer_cache, pending)
+        return self.norm(x + pending)
 
     def _positions_and_masks(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
         """Positions [B, T], the attention mask (bool [B, 1, T, S], a `PaddedLayout` of packed sequences or
