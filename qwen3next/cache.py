@@ -20,14 +20,16 @@ from .config import LINEAR, Qwen3NextConfig
 
 
 class LinearLayerCache:
+    """Allocated uninitialised: `HybridCache` zeroes all layers' tensors at once."""
+
     def __init__(self, config: Qwen3NextConfig, batch_size: int, dtype, device):
         C, K = config.linear_conv_dim, config.linear_conv_kernel_dim
-        self.conv_state = torch.zeros(batch_size, C, K - 1, dtype=dtype, device=device)
-        self.recurrent_state = torch.zeros(
+        self.conv_state = torch.empty(batch_size, C, K - 1, dtype=dtype, device=device)
+        self.recurrent_state = torch.empty(
             batch_size, config.linear_num_value_heads, config.linear_key_head_dim, config.linear_value_head_dim,
             dtype=torch.float32, device=device,
         )
-        self.filled = False  # False until a forward has written the states
+        self.forget()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.conv_state, self.recurrent_state]
@@ -41,18 +43,19 @@ class LinearLayerCache:
         view.conv_state, view.recurrent_state = self.conv_state[:n], self.recurrent_state[:n]
         return view
 
-    def reset(self) -> None:
-        for t in self.tensors():
-            t.zero_()
-        self.filled = False
+    def forget(self) -> None:
+        """Mark the (zeroed) states as not yet written."""
+        self.filled = False  # False until a forward has written the states
 
 
 class AttentionLayerCache:
+    """Allocated uninitialised: `HybridCache` zeroes all layers' tensors at once."""
+
     def __init__(self, config: Qwen3NextConfig, batch_size: int, max_length: int, dtype, device):
         shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.key = torch.zeros(shape, dtype=dtype, device=device)
-        self.value = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.key = torch.empty(shape, dtype=dtype, device=device)
+        self.value = torch.empty(shape, dtype=dtype, device=device)
+        self.forget()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.key, self.value]
@@ -76,9 +79,8 @@ class AttentionLayerCache:
         view.key, view.value = self.key[:n], self.value[:n]
         return view
 
-    def reset(self) -> None:
-        for t in self.tensors():
-            t.zero_()
+    def forget(self) -> None:
+        """Mark no position as filled."""
         self.length = 0
 
 
@@ -97,6 +99,7 @@ class HybridCache:
             else AttentionLayerCache(config, batch_size, max_length, dtype, device)
             for kind in config.layer_types
         ]
+        self.reset()
 
     @property
     def batch_size(self) -> int:
@@ -129,9 +132,11 @@ class HybridCache:
         return view
 
     def reset(self) -> None:
-        """Empty the cache in place (zeros, no positions filled), keeping every tensor's storage."""
+        """Empty the cache in place (zeros, no positions filled), keeping every tensor's storage. All tensors are
+        zeroed by one multi-tensor op (a launch or a few on a GPU, where a zero_ per tensor is a launch each)."""
+        torch._foreach_zero_([t for layer in self.layers for t in layer.tensors()])
         for layer in self.layers:
-            layer.reset()
+            layer.forget()
         self.seq_length = 0
 
     def snapshot(self) -> "HybridCache":

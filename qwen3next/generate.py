@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from .cache import HybridCache
+from .model import check_token_ids
 
 DECODE_MODES = ("auto", "graph", "static", "eager")
 
@@ -117,9 +118,7 @@ def _validate(model, input_ids, attention_mask, max_new_tokens):
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"max_position_embeddings ({config.max_position_embeddings})"
         )
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}); got range [{lo}, {hi}]")
+    check_token_ids(input_ids, config.vocab_size)
 
 
 @torch.inference_mode()

@@ -60,22 +60,41 @@ class GatedRMSNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- rope
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless every id lies in [0, vocab_size): one host round trip (min and max together)."""
+    if input_ids.numel():
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{low}, {high}]")
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin [B, T, rotary_dim] for the first `rotary_dim` dims of each head (rotate-half style).
-    Holds no tensors (the frequencies are recomputed per call), so a model built on the meta device
-    needs nothing re-initialised."""
+    Holds no parameters or buffers (the frequencies are computed on first use on each device and kept
+    outside the state dict), so a model built on the meta device needs nothing re-initialised."""
 
     def __init__(self, config: Qwen3NextConfig):
         super().__init__()
         self.dim = config.rotary_dim
         self.theta = config.rope_theta
+        self._inv_freq = {}  # device -> fp32 [rotary_dim]: the frequencies, repeated for both halves
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """theta^(-2i / rotary_dim) for i < rotary_dim / 2, twice over (fp32 [rotary_dim]); kept per device
+        except while a CUDA graph is being captured (a tensor made then holds nothing until a replay)."""
+        if device in self._inv_freq:
+            return self._inv_freq[device]
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
+        inv_freq = (1.0 / (self.theta**exponents)).repeat(2)
+        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            self._inv_freq[device] = inv_freq
+        return inv_freq
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.float32, device=position_ids.device) / self.dim
-        inv_freq = 1.0 / (self.theta**exponents)
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
+        if position_ids.is_floating_point():
+            position_ids = position_ids.float()
+        emb = position_ids[..., None] * self.inv_freq(position_ids.device)  # integer positions promote to fp32
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -410,11 +429,7 @@ class Qwen3NextModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, cu_seqlens=None):
         B, T = input_ids.shape
-        if input_ids.numel():
-            low, high = torch.aminmax(input_ids)
-            low, high = int(low), int(high)  # the one host round trip of the check
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got range [{low}, {high}]")
+        check_token_ids(input_ids, self.config.vocab_size)
         past = cache.seq_length if cache is not None else 0
         position_ids, attn_mask, token_mask, cu_seqlens = self._positions_and_masks(
             B, T, past, attention_mask, position_ids, cu_seqlens, input_ids.device

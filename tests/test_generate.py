@@ -119,6 +119,19 @@ def test_cache_select_and_snapshot(model):
     assert rel_err(c, a[[2, 0]]) < 1e-6
 
 
+def test_new_and_reset_caches_are_empty(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    cache = HybridCache(model.config, 2, 9)
+    assert all(torch.count_nonzero(t) == 0 for layer in cache.layers for t in layer.tensors())
+    with torch.no_grad():
+        first = model(ids, cache=cache).logits
+        assert any(torch.count_nonzero(t) > 0 for layer in cache.layers for t in layer.tensors())
+        cache.reset()
+        assert cache.seq_length == 0 and all(torch.count_nonzero(t) == 0 for layer in cache.layers for t in layer.tensors())
+        again = model(ids, cache=cache).logits
+    assert torch.equal(first, again)
+
+
 def test_sampling_is_seeded_and_temperature_zero_is_greedy(model):
     ids = torch.randint(0, model.config.vocab_size, (2, 5))
     runs = [generate(model, ids, max_new_tokens=8, do_sample=True, top_k=50, generator=torch.Generator().manual_seed(3))
