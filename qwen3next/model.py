@@ -59,7 +59,6 @@ class GatedRMSNorm(nn.Module):
         return ops.gated_rms_norm(x, gate, self.weight, self.eps)
 
 
-# --------------------------------------------------------------------------------------------- rope
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raise ValueError unless every id lies in [0, vocab_size): one host round trip (min and max together)."""
     if input_ids.numel():
@@ -68,6 +67,7 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             raise ValueError(f"token ids must lie in [0, {vocab_size}); got range [{low}, {high}]")
 
 
+# --------------------------------------------------------------------------------------------- rope
 class RotaryEmbedding(nn.Module):
     """cos/sin [B, T, rotary_dim] for the first `rotary_dim` dims of each head (rotate-half style).
     Holds no parameters or buffers (the frequencies are computed on first use on each device and kept
