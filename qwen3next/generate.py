@@ -118,7 +118,7 @@ def _validate(model, input_ids, attention_mask, max_new_tokens):
             f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"max_position_embeddings ({config.max_position_embeddings})"
         )
-    check_token_ids(input_ids, config.vocab_size)
+    check_token_ids(input_ids, config.vocab_size)  # the forward checks again; this fails before any cache or graph is built
 
 
 @torch.inference_mode()
